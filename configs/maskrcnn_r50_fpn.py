@@ -1,0 +1,204 @@
+"""Mask R-CNN, ResNet-50-FPN, COCO 1x schedule, torchvision-style defaults (91 labels).
+
+    maskrcnn-jax train --config=configs/maskrcnn_r50_fpn.py --workdir=runs/r50 \
+        --config.data.train_json=... --config.data.train_images=...
+
+Expected: about 37.9 box AP / 34.6 mask AP on COCO val2017 after the 1x schedule (the
+torchvision v1 reference). `get_config('tiny')` is the same code path at toy sizes for tests.
+"""
+
+import ml_collections
+
+# torchvision's ImageNet statistics, expressed in 0..255 pixel units (RGB).
+TORCHVISION_PIXEL_MEAN = (123.675, 116.28, 103.53)
+TORCHVISION_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def get_config(mode: str = '') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dtype = 'float32'  # 'bfloat16': convs and matmuls in bf16, params/opt state/losses in f32.
+
+  # ---------------------------------------------------------------- model
+  m = c.model = ml_collections.ConfigDict()
+  m.num_classes = 91  # includes background at label 0 (torchvision's COCO label space)
+  m.mask_on = True
+  m.roi_op = 'align'  # 'align' | 'pool'
+
+  m.backbone = ml_collections.ConfigDict()
+  # 18 | 34 | 50 | 101 | 'tiny' (an int or a string, hence the untyped reference)
+  m.backbone.depth = ml_collections.FieldReference(50, field_type=object)
+  m.backbone.width = 64  # stem width; stage widths are width * (1, 2, 4, 8) (x4 for bottlenecks)
+  m.backbone.freeze_at = 2  # 0: nothing frozen, 1: stem, 2: stem + res2 (torchvision trainable_layers=3)
+  m.backbone.stride_in_1x1 = False  # True for detectron2's MSRA weights
+  m.backbone.norm = 'frozen_bn'  # 'frozen_bn' | 'none'
+  m.backbone.bn_eps = 1e-5  # torchvision and detectron2 FrozenBatchNorm2d
+
+  m.fpn = ml_collections.ConfigDict()
+  m.fpn.channels = 256
+  m.fpn.min_level = 2
+  m.fpn.max_level = 6  # P6 is a stride-2 max-pool of P5 (torchvision LastLevelMaxPool)
+
+  m.anchors = ml_collections.ConfigDict()
+  m.anchors.sizes = (32, 64, 128, 256, 512)  # one size per level P2..P6
+  m.anchors.aspect_ratios = (0.5, 1.0, 2.0)  # height / width
+  m.anchors.offset = 0.0  # grid offset in units of stride; torchvision and detectron2 use 0.0
+  m.anchors.round_base = True  # torchvision rounds base anchors to integers; detectron2 does not
+
+  m.rpn = ml_collections.ConfigDict()
+  m.rpn.pre_nms_topk_train = 2000  # per level (torchvision rpn_pre_nms_top_n_train)
+  m.rpn.pre_nms_topk_test = 1000
+  m.rpn.post_nms_topk_train = 2000  # over all levels, per image
+  m.rpn.post_nms_topk_test = 1000
+  m.rpn.nms_thresh = 0.7
+  m.rpn.min_size = 1e-3  # torchvision RegionProposalNetwork.min_size
+  m.rpn.score_thresh = 0.0
+  m.rpn.fg_iou_thresh = 0.7
+  m.rpn.bg_iou_thresh = 0.3
+  m.rpn.allow_low_quality_matches = True
+  m.rpn.batch_size_per_image = 256
+  m.rpn.positive_fraction = 0.5
+  m.rpn.box_loss = 'smooth_l1'  # 'smooth_l1' | 'l1'
+  m.rpn.smooth_l1_beta = 1.0 / 9  # torchvision rpn.py
+  m.rpn.bbox_reg_weights = (1.0, 1.0, 1.0, 1.0)
+
+  m.roi = ml_collections.ConfigDict()
+  m.roi.box_output_size = 7
+  m.roi.mask_output_size = 14
+  m.roi.sampling_ratio = 2  # torchvision MultiScaleRoIAlign(sampling_ratio=2)
+  m.roi.aligned = False  # torchvision v1 uses the legacy (non half-pixel) RoIAlign
+  m.roi.canonical_level = 4  # FPN paper eq. (1)
+  m.roi.canonical_scale = 224
+  m.roi.min_level = 2
+  m.roi.max_level = 5
+  m.roi.fg_iou_thresh = 0.5
+  m.roi.bg_iou_thresh = 0.5
+  m.roi.batch_size_per_image = 512
+  m.roi.positive_fraction = 0.25
+  m.roi.bbox_reg_weights = (10.0, 10.0, 5.0, 5.0)
+  m.roi.box_loss = 'smooth_l1'
+  m.roi.smooth_l1_beta = 1.0 / 9  # torchvision roi_heads.fastrcnn_loss
+  m.roi.ignore_crowd = True  # RoIs/anchors overlapping a crowd region (IoA >= crowd_ioa) are ignored
+  m.roi.crowd_ioa_thresh = 0.7
+
+  m.box_head = ml_collections.ConfigDict()
+  m.box_head.fc_dim = 1024
+  m.box_head.num_fc = 2
+
+  m.mask_head = ml_collections.ConfigDict()
+  m.mask_head.conv_dim = 256
+  m.mask_head.num_convs = 4
+  m.mask_head.resolution = 28  # 2 x mask_output_size after the deconv
+
+  m.test = ml_collections.ConfigDict()
+  m.test.score_thresh = 0.05
+  m.test.nms_thresh = 0.5
+  m.test.detections_per_img = 100
+  m.test.min_box_size = 1e-2  # torchvision roi_heads.postprocess_detections
+  m.test.mask_thresh = 0.5
+
+  # ---------------------------------------------------------------- input
+  i = c.input = ml_collections.ConfigDict()
+  i.min_size = 800
+  i.max_size = 1333
+  i.train_min_sizes = (800,)  # multi-scale jitter: one is drawn per image
+  i.channel_order = 'RGB'  # 'BGR' for detectron2 MSRA weights
+  i.pixel_mean = TORCHVISION_PIXEL_MEAN
+  i.pixel_std = TORCHVISION_PIXEL_STD
+  # Padded (height, width) size buckets, each divisible by 32; one compile per bucket.
+  i.buckets = ((800, 1344), (1344, 800), (800, 800))
+  i.max_instances = 100
+  i.gt_mask_size = 112  # ground-truth masks are pre-cropped to their box at this size
+  i.hflip_prob = 0.5
+  i.batch_size = 16  # global batch
+  i.num_workers = 4
+  i.prefetch = 2
+  i.skip_empty_train = True
+
+  # ---------------------------------------------------------------- data
+  d = c.data = ml_collections.ConfigDict()
+  d.source = 'shapes'  # 'shapes' | 'coco' | 'tfds'
+  d.root = 'data/shapes'
+  d.train_images = ''
+  d.train_json = ''
+  d.val_images = ''
+  d.val_json = ''
+  d.tfds_name = 'coco_instances'
+  d.tfds_dir = ''
+  d.shapes_num_train = 1000
+  d.shapes_num_val = 100
+  d.shapes_size = 256
+
+  # ---------------------------------------------------------------- optimisation
+  o = c.optim = ml_collections.ConfigDict()
+  o.base_lr = 0.02  # at base_batch_size; scaled linearly with the global batch (Goyal et al.)
+  o.base_batch_size = 16
+  o.momentum = 0.9
+  o.weight_decay = 1e-4
+  o.wd_exclude_norm_and_bias = False  # torchvision references decay every parameter
+  o.warmup_steps = 1000
+  o.warmup_factor = 1e-3
+  o.num_steps = 90_000
+  o.decay_steps = (60_000, 80_000)
+  o.decay_factor = 0.1
+  o.grad_clip_norm = 0.0  # 0 disables
+
+  # ---------------------------------------------------------------- run
+  r = c.run = ml_collections.ConfigDict()
+  r.log_every = 20
+  r.eval_every = 10_000  # 0: no periodic evaluation
+  r.eval_at_end = True
+  r.checkpoint_every = 5_000
+  r.keep_checkpoints = 3
+  r.num_eval_pictures = 4
+  r.pretrained_backbone = ''  # path to a converted ResNet checkpoint
+  r.init_checkpoint = ''  # explicit checkpoint; a checkpoint in the workdir takes precedence
+  r.distributed = False  # call jax.distributed.initialize() (multi-host)
+
+  if mode == 'tiny':
+    _make_tiny(c)
+  elif mode:
+    raise ValueError(f'unknown config mode {mode!r}; expected "" or "tiny"')
+  return c
+
+
+def _make_tiny(c: ml_collections.ConfigDict) -> None:
+  """Toy sizes on the same code path: small images, narrow widths, few RoIs."""
+  m = c.model
+  m.num_classes = 5
+  m.backbone.depth = 'tiny'
+  m.backbone.width = 8
+  m.backbone.freeze_at = 0
+  m.fpn.channels = 16
+  m.anchors.sizes = (8, 16, 32, 64, 128)
+  m.rpn.pre_nms_topk_train = 200
+  m.rpn.pre_nms_topk_test = 100
+  m.rpn.post_nms_topk_train = 100
+  m.rpn.post_nms_topk_test = 50
+  m.rpn.batch_size_per_image = 64
+  m.roi.batch_size_per_image = 32
+  m.roi.canonical_scale = 56
+  m.box_head.fc_dim = 32
+  m.mask_head.conv_dim = 16
+  m.mask_head.num_convs = 2
+  m.test.detections_per_img = 10
+  c.input.min_size = 64
+  c.input.max_size = 96
+  c.input.train_min_sizes = (64,)
+  c.input.buckets = ((64, 96), (96, 64), (64, 64))
+  c.input.max_instances = 8
+  c.input.gt_mask_size = 28
+  c.input.batch_size = 2
+  c.input.num_workers = 0
+  c.data.shapes_num_train = 16
+  c.data.shapes_num_val = 8
+  c.data.shapes_size = 64
+  c.optim.base_lr = 0.02
+  c.optim.base_batch_size = 2
+  c.optim.warmup_steps = 5
+  c.optim.num_steps = 10
+  c.optim.decay_steps = (8,)
+  c.run.log_every = 1
+  c.run.eval_every = 0
+  c.run.eval_at_end = False
+  c.run.checkpoint_every = 5
