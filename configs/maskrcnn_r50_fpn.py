@@ -118,6 +118,9 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
   d.source = 'shapes'  # 'shapes' | 'coco' | 'tfds'
+  # 'contiguous': labels 1..K in ascending category id; 'category_id': the raw COCO id is the
+  # label (torchvision's 91-class space, for converted torchvision weights).
+  d.label_space = 'category_id'  # num_classes = 91 is torchvision's COCO label space
   d.root = 'data/shapes'
   d.train_images = ''
   d.train_json = ''
@@ -190,6 +193,7 @@ def _make_tiny(c: ml_collections.ConfigDict) -> None:
   c.input.gt_mask_size = 28
   c.input.batch_size = 2
   c.input.num_workers = 0
+  c.data.label_space = 'contiguous'
   c.data.shapes_num_train = 16
   c.data.shapes_num_val = 8
   c.data.shapes_size = 64

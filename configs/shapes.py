@@ -43,6 +43,7 @@ def get_config(mode: str = ''):
 
   d = c.data
   d.source = 'shapes'
+  d.label_space = 'contiguous'
   d.root = 'data/shapes'
   d.shapes_num_train = 2000
   d.shapes_num_val = 100

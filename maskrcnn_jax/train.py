@@ -58,13 +58,8 @@ def _path_str(path) -> str:
 
 def trainable_labels(params: Any, config: ml_collections.ConfigDict) -> Any:
   """'train' or 'frozen' per parameter leaf: backbone stages below `freeze_at` are frozen."""
-  frozen_prefixes = mask_rcnn.frozen_param_prefixes(config)
-
-  def label(path, _):
-    name = _path_str(path)
-    return 'frozen' if any(name.startswith(p) for p in frozen_prefixes) else 'train'
-
-  return jax.tree_util.tree_map_with_path(label, params)
+  mask = mask_rcnn.trainable_mask(params, config)
+  return jax.tree_util.tree_map(lambda keep: 'train' if keep else 'frozen', mask)
 
 
 def _decay_mask(params: Any, config: ml_collections.ConfigDict) -> Any:

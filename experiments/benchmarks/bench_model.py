@@ -1,0 +1,278 @@
+"""R50-FPN Mask R-CNN inference and train-step speed and peak memory, ours vs torchvision.
+
+    python experiments/benchmarks/bench_model.py            # every case, markdown table
+    python experiments/benchmarks/bench_model.py --only=jax-infer   # one case, JSON line
+
+Each case runs in its own subprocess so that its peak memory (process RSS on CPU, device memory
+on a GPU) is its own. Cases: inference on one 800x1216 image (end to end: our Predictor from the
+uint8 image to pasted masks; torchvision's model(list of tensors), which also resizes,
+normalises and pastes), and a train step at 800x1216 with batch 1 and 2 (SGD + momentum; ours the
+jitted step with the state donated, torchvision forward + backward + optimizer.step()).
+Compile time (our first call) is reported separately from the steady-state median.
+
+Both models are torchvision's `maskrcnn_resnet50_fpn` layout with FrozenBatchNorm and
+trainable_layers=3 (the COCO fine-tuning setting). When torch imports, our variables are
+converted from the same randomly initialised torchvision model, so both run identical weights
+and produce the same number of detections; otherwise ours are randomly initialised.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HEIGHT, WIDTH = 800, 1216
+CASES = ('jax-infer', 'torch-infer', 'jax-train-1', 'torch-train-1', 'jax-train-2',
+         'torch-train-2')
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _image(seed=0) -> np.ndarray:
+  """A natural-ish uint8 image: smooth colour gradients plus a few filled shapes."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+  img = np.stack([128 + 60 * np.sin(xx / 97 + c) * np.cos(yy / 53 - c) for c in range(3)], -1)
+  for _ in range(12):
+    cy, cx, r = rng.uniform(0, HEIGHT), rng.uniform(0, WIDTH), rng.uniform(30, 200)
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+  return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+
+
+def _targets(batch: int, seed=0):
+  """Ground truth for a train step: 8 boxes per image with rectangular masks."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(batch):
+    n = 8
+    wh = rng.uniform(40, 400, (n, 2))
+    xy = rng.uniform(0, 1, (n, 2)) * (np.array([WIDTH, HEIGHT]) - wh)
+    boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+    labels = rng.integers(1, 91, n).astype(np.int64)
+    out.append((boxes, labels))
+  return out
+
+
+def _torch_model():
+  import torch  # pylint: disable=g-import-not-at-top
+  import torchvision  # pylint: disable=g-import-not-at-top
+  from torchvision.models.detection import backbone_utils, mask_rcnn  # pylint: disable=g-import-not-at-top
+  from torchvision.ops import misc  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  body = torchvision.models.resnet50(weights=None, norm_layer=misc.FrozenBatchNorm2d)
+  backbone = backbone_utils._resnet_fpn_extractor(body, 3)  # pylint: disable=protected-access
+  return mask_rcnn.MaskRCNN(backbone, num_classes=91)
+
+
+def _jax_setup():
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import maskrcnn_r50_fpn  # pylint: disable=g-import-not-at-top
+  from maskrcnn_jax.modeling import mask_rcnn  # pylint: disable=g-import-not-at-top
+  config = maskrcnn_r50_fpn.get_config()
+  config.input.buckets = ((HEIGHT, WIDTH),)
+  variables = None
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    from maskrcnn_jax import weights  # pylint: disable=g-import-not-at-top
+    state = {k: v.detach().numpy() for k, v in _torch_model().state_dict().items()}
+    variables = weights.from_torchvision(state, config)
+    source = 'converted from the torchvision model'
+  except ImportError:
+    source = 'random init (torch not importable)'
+  if variables is None:
+    variables = mask_rcnn.init_variables(config, jax.random.key(0), (HEIGHT, WIDTH))
+  return config, variables, source
+
+
+def run_case(case: str, repeats: int) -> dict:
+  result = {'case': case}
+  if case == 'jax-infer':
+    import jax  # pylint: disable=g-import-not-at-top
+    from maskrcnn_jax import predictor  # pylint: disable=g-import-not-at-top
+    config, variables, result['weights'] = _jax_setup()
+    pred = predictor.Predictor(config, variables)
+    image = _image()
+    t0 = time.perf_counter()
+    out = pred(image)
+    result['first_call_s'] = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      out = pred(image)
+      times.append(time.perf_counter() - t0)
+    result['detections'] = int(len(out['scores']))
+    result['device'] = str(jax.devices()[0].device_kind)
+  elif case == 'torch-infer':
+    import torch  # pylint: disable=g-import-not-at-top
+    model = _torch_model().eval()
+    x = torch.from_numpy(_image()).permute(2, 0, 1).float() / 255.0
+    with torch.no_grad():
+      t0 = time.perf_counter()
+      out = model([x])[0]
+      result['first_call_s'] = time.perf_counter() - t0
+      times = []
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model([x])[0]
+        times.append(time.perf_counter() - t0)
+    result['detections'] = int(len(out['scores']))
+    result['threads'] = torch.get_num_threads()
+  elif case.startswith('jax-train'):
+    import jax  # pylint: disable=g-import-not-at-top
+    from maskrcnn_jax import train  # pylint: disable=g-import-not-at-top
+    from maskrcnn_jax.data import transforms  # pylint: disable=g-import-not-at-top
+    from maskrcnn_jax.modeling import mask_rcnn  # pylint: disable=g-import-not-at-top
+    batch_size = int(case.rsplit('-', 1)[1])
+    config, variables, result['weights'] = _jax_setup()
+    config.input.batch_size = batch_size
+    mesh = train.make_mesh(jax.devices()[:1])
+    model = mask_rcnn.build_model(config)
+    state, shardings, optimizer = train.init_state(config, model, mesh, (HEIGHT, WIDTH))
+    state = state.replace(params=variables['params'], constants=variables['constants'])
+    state = jax.device_put(state, shardings)
+    step = train.make_jitted_train_step(config, model, optimizer, mesh, shardings)
+    batch = _jax_batch(config, batch_size, transforms)
+    gbatch = train.global_batch(batch, mesh)
+    result['rss_before_mb'] = _peak_rss_mb()
+    t0 = time.perf_counter()
+    state, metrics = step(state, gbatch)
+    jax.block_until_ready(metrics)
+    result['first_call_s'] = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      state, metrics = step(state, gbatch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t0)
+    result['loss'] = float(metrics['loss'])
+  elif case.startswith('torch-train'):
+    import torch  # pylint: disable=g-import-not-at-top
+    batch_size = int(case.rsplit('-', 1)[1])
+    model = _torch_model().train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02,
+                          momentum=0.9, weight_decay=1e-4)
+    images = [torch.from_numpy(_image(s)).permute(2, 0, 1).float() / 255.0
+              for s in range(batch_size)]
+    targets = []
+    for boxes, labels in _targets(batch_size):
+      masks = np.zeros((len(boxes), HEIGHT, WIDTH), np.uint8)
+      for j, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
+        masks[j, y0:y1, x0:x1] = 1
+      targets.append({'boxes': torch.from_numpy(boxes), 'labels': torch.from_numpy(labels),
+                      'masks': torch.from_numpy(masks)})
+    result['rss_before_mb'] = _peak_rss_mb()
+
+    def step():
+      losses = model(images, targets)
+      loss = sum(losses.values())
+      opt.zero_grad()
+      loss.backward()
+      opt.step()
+      return float(loss)
+
+    t0 = time.perf_counter()
+    step()
+    result['first_call_s'] = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      result['loss'] = step()
+      times.append(time.perf_counter() - t0)
+  else:
+    raise ValueError(case)
+  result['median_s'] = statistics.median(times)
+  result['min_s'] = min(times)
+  result['peak_rss_mb'] = _peak_rss_mb()
+  result.update(_gpu_memory())
+  return result
+
+
+def _jax_batch(config, batch_size, transforms):
+  images = []
+  for s in range(batch_size):
+    img = transforms.normalize(_image(s).astype(np.float32), config.input.pixel_mean,
+                               config.input.pixel_std, config.input.channel_order)
+    images.append(img)
+  m, s = config.input.max_instances, config.input.gt_mask_size
+  gt_boxes = np.zeros((batch_size, m, 4), np.float32)
+  gt_labels = np.zeros((batch_size, m), np.int32)
+  gt_valid = np.zeros((batch_size, m), bool)
+  for b, (boxes, labels) in enumerate(_targets(batch_size)):
+    gt_boxes[b, :len(boxes)] = boxes
+    gt_labels[b, :len(boxes)] = labels
+    gt_valid[b, :len(boxes)] = True
+  return {'images': np.stack(images).astype(np.float32),
+          'image_size': np.tile(np.array([[HEIGHT, WIDTH]], np.int32), (batch_size, 1)),
+          'gt_boxes': gt_boxes, 'gt_labels': gt_labels,
+          'gt_masks': np.ones((batch_size, m, s, s), np.uint8),  # rectangles fill their box
+          'gt_crowd': np.zeros((batch_size, m), bool), 'gt_valid': gt_valid}
+
+
+def _gpu_memory() -> dict:
+  out = {}
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.devices()[0].platform == 'gpu':
+      stats = jax.devices()[0].memory_stats() or {}
+      out['device_peak_mb'] = stats.get('peak_bytes_in_use', 0) / 2**20
+  except Exception:  # pylint: disable=broad-except
+    pass
+  if 'torch' in sys.modules:
+    import torch  # pylint: disable=g-import-not-at-top
+    if torch.cuda.is_available():
+      out['device_peak_mb'] = torch.cuda.max_memory_allocated() / 2**20
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--only', choices=CASES)
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--cases', default=','.join(CASES))
+  args = parser.parse_args()
+  if args.only:
+    print(json.dumps(run_case(args.only, args.repeats)))
+    return
+  results = {}
+  for case in args.cases.split(','):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    proc = subprocess.run([sys.executable, __file__, '--only', case, '--repeats',
+                           str(args.repeats)], capture_output=True, text=True, env=env,
+                          check=False)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+    if proc.returncode or not lines:
+      print(f'{case}: failed\n{proc.stderr[-3000:]}', file=sys.stderr)
+      continue
+    results[case] = json.loads(lines[-1])
+    print(f'{case}: {results[case]}', file=sys.stderr, flush=True)
+  print(_table(results))
+
+
+def _table(results: dict) -> str:
+  rows = ['| case | ours median (s) | ours first call (s) | torchvision median (s) | ratio '
+          '(ours / tv) | ours peak RSS (MB) | tv peak RSS (MB) |', '|---|---|---|---|---|---|---|']
+  for name, (ours, theirs) in {
+      'inference, 1 image 800x1216': ('jax-infer', 'torch-infer'),
+      'train step, batch 1': ('jax-train-1', 'torch-train-1'),
+      'train step, batch 2': ('jax-train-2', 'torch-train-2')}.items():
+    a, b = results.get(ours), results.get(theirs)
+    if a is None:
+      continue
+    ratio = f'{a["median_s"] / b["median_s"]:.2f}' if b else 'n/a'
+    rows.append(f'| {name} | {a["median_s"]:.3f} | {a["first_call_s"]:.1f} | '
+                f'{b["median_s"] if b else float("nan"):.3f} | {ratio} | '
+                f'{a["peak_rss_mb"]:.0f} | {b["peak_rss_mb"] if b else float("nan"):.0f} |')
+  return '\n'.join(rows)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,510 @@
+"""The input pipeline: records -> resized, flipped, normalised, bucket-padded batches (grain).
+
+Training batches follow `maskrcnn_jax/structures.py` exactly. How they are formed:
+
+* A batch PLAN is computed from image sizes alone (the JSON's height/width), before any pixel
+  is decoded: for epoch e a generator seeded by (config.seed, e) shuffles all training records
+  and draws, per image, a shortest-side size from `input.train_min_sizes` and a horizontal flip
+  (probability `input.hflip_prob`). The resized size (torchvision rule, `max_size` cap) picks the
+  smallest configured bucket that holds it (structures.choose_bucket). Walking the shuffled order,
+  images go into a per-bucket buffer and a GLOBAL batch is emitted whenever a buffer holds
+  `input.batch_size` images, so every batch is homogeneous in bucket; what is left in the buffers
+  at the end of an epoch is carried into the next epoch's buffers (nothing is dropped). Batch k
+  of the infinite stream is epoch e's batch j, found from cached per-epoch counts.
+* Every host computes the same plan, so all hosts agree on each step's bucket, and host p
+  decodes only its slice [p*b, (p+1)*b) of each global batch (b = batch_size / process_count).
+* Loading a batch is a grain `MapDataset` map over batch indices; `input.num_workers > 0` runs it
+  in that many spawned worker processes (grain mp_prefetch, order preserved), 0 in this process
+  with a one-thread prefetch of `input.prefetch` batches.
+* The iterator state is `{'next_batch': k, ...}` (JSON); restoring it rebuilds the pipeline at
+  batch k, so a resumed run sees the same next batch whatever the worker count.
+
+Per image: decode -> resize (bilinear, torchvision) -> flip -> normalise -> pad to the bucket;
+boxes scaled/flipped alike; instances padded to `input.max_instances` with `gt_valid`; masks are
+decoded as pycocotools annToMask, nearest-resized as torchvision does, flipped, then cropped to
+their gt box at S = `input.gt_mask_size` (transforms.crop_and_resize_masks, uint8 0/1), all in
+one gather so full-size resized masks are never built.
+"""
+
+import collections
+import dataclasses
+import logging
+import threading
+from typing import Any, Iterator, Optional, Sequence
+
+from absl import flags
+import grain
+import ml_collections
+import numpy as np
+
+from maskrcnn_jax import structures
+from maskrcnn_jax.data import coco
+from maskrcnn_jax.data import shapes
+from maskrcnn_jax.data import transforms
+
+log = logging.getLogger(__name__)
+
+SHAPES_SEED = 0  # the synthetic dataset is fixed; config.seed only changes the training order
+STATE_VERSION = 1
+PLAN_LENGTH = 2**62  # the training stream is infinite; grain needs a length
+_EPOCH_CACHE = 4
+BATCH_KEYS = ('images', 'image_size', 'gt_boxes', 'gt_labels', 'gt_masks', 'gt_crowd',
+              'gt_valid')
+
+
+# ---------------------------------------------------------------------------------- records
+def load_dataset_records(config: ml_collections.ConfigDict, split: str, *,
+                         label_map: Optional[coco.LabelMap] = None) -> coco.CocoDataset:
+  """Records of a split ('train' | 'val') of `config.data.source` ('shapes' | 'coco').
+
+  'shapes' generates the synthetic dataset at config.data.root if it is not there yet
+  (config.data.shapes_num_train/num_val/size). 'coco' reads config.data.{train,val}_json and
+  {train,val}_images. Training records are capped at input.max_instances per image.
+  """
+  if split not in ('train', 'val'):
+    raise ValueError(f"split {split!r}: expected 'train' or 'val'")
+  d = config.data
+  if d.source == 'shapes':
+    root = shapes.ensure_shapes_dataset(d.root, d.shapes_num_train, d.shapes_num_val,
+                                        d.shapes_size, SHAPES_SEED)
+    json_path, image_dir = f'{root}/instances_{split}.json', root
+  elif d.source == 'coco':
+    json_path, image_dir = d[f'{split}_json'], d[f'{split}_images']
+    if not json_path or not image_dir:
+      raise ValueError(f'config.data.{split}_json and config.data.{split}_images must be set for '
+                       "config.data.source='coco'")
+  else:
+    raise ValueError(f"config.data.source={d.source!r}: this reader handles 'shapes' and "
+                     "'coco'")
+  max_instances = config.input.max_instances if split == 'train' else None
+  if label_map is None and d.get('label_space', 'contiguous') == 'category_id':
+    # torchvision's COCO models use the raw category id as the label (91 classes).
+    label_map = coco.LabelMap(tuple(range(1, config.model.num_classes)),
+                              tuple(f'category_{i}' for i in range(1, config.model.num_classes)))
+  ds = coco.load_coco(json_path, image_dir, label_map=label_map, max_instances=max_instances)
+  if ds.label_map.num_classes > config.model.num_classes:
+    raise ValueError(f'{json_path} has {len(ds.label_map.category_ids)} categories but '
+                     f'config.model.num_classes = {config.model.num_classes} (needs K + 1 = '
+                     f'{ds.label_map.num_classes})')
+  return ds
+
+
+def _has_training_instance(record: dict[str, Any]) -> bool:
+  return bool((~record['crowd']).any())
+
+
+# ----------------------------------------------------------------------------- per image
+@dataclasses.dataclass(frozen=True)
+class _InputSpec:
+  """The config fields one image's preprocessing needs (small and picklable)."""
+  max_size: int
+  channel_order: str
+  pixel_mean: tuple[float, ...]
+  pixel_std: tuple[float, ...]
+  buckets: tuple[tuple[int, int], ...]
+  max_instances: int
+  gt_mask_size: int
+
+  @classmethod
+  def from_config(cls, config):
+    i = config.input
+    return cls(int(i.max_size), str(i.channel_order), tuple(map(float, i.pixel_mean)),
+               tuple(map(float, i.pixel_std)), tuple(tuple(map(int, b)) for b in i.buckets),
+               int(i.max_instances), int(i.gt_mask_size))
+
+
+def preprocess_image(image: np.ndarray, min_size: int, flip: bool, spec: _InputSpec):
+  """uint8 [h, w, 3] -> (float32 [Hb, Wb, 3] normalised padded image, (new_h, new_w))."""
+  h, w = image.shape[:2]
+  new_h, new_w = transforms.resize_shape(h, w, min_size, spec.max_size)
+  x = transforms.resize_image(image, new_h, new_w)
+  if flip:
+    x = transforms.hflip_image(x)
+  x = transforms.normalize(x, spec.pixel_mean, spec.pixel_std, spec.channel_order)
+  bh, bw = structures.choose_bucket(new_h, new_w, spec.buckets)
+  return transforms.pad_to(x, bh, bw), (new_h, new_w)
+
+
+def process_train_example(record: dict[str, Any], min_size: int, flip: bool,
+                          spec: _InputSpec, image: Optional[np.ndarray] = None,
+                          masks: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+  """One record -> the per-image fields of structures.py (no batch dimension).
+
+  Args:
+    record: a coco.py record.
+    min_size: the drawn shortest-side size; flip: mirror left-right.
+    image, masks: already decoded pixels/masks (decoded from the record when None).
+  """
+  h, w = record['height'], record['width']
+  if image is None:
+    image = coco.record_image(record)
+  images, (new_h, new_w) = preprocess_image(image, min_size, flip, spec)
+  boxes = transforms.resize_boxes(record['boxes'], h, w, new_h, new_w)
+  cols = transforms.nearest_indices(w, new_w)
+  if flip:
+    boxes = transforms.hflip_boxes(boxes, new_w)
+    cols = cols[::-1]
+  num = len(record['labels'])
+  keep = np.arange(num)
+  if num > spec.max_instances:  # coco.load_coco caps training records already; be safe
+    area = record['areas']
+    keep = np.sort(np.lexsort((-area, record['crowd']))[:spec.max_instances])
+    log.warning('image %s: %d instances, keeping the %d largest', record['image_id'], num,
+                spec.max_instances)
+  if masks is None:
+    masks = coco.decode_masks(record)
+  crops = transforms.crop_and_resize_masks(
+      masks[keep], boxes[keep], spec.gt_mask_size,
+      row_map=transforms.nearest_indices(h, new_h), col_map=cols)
+  m, k = spec.max_instances, len(keep)
+  out = {
+      'images': images,
+      'image_size': np.array([new_h, new_w], np.int32),
+      'gt_boxes': np.zeros((m, 4), np.float32),
+      'gt_labels': np.zeros((m,), np.int32),
+      'gt_masks': np.zeros((m, spec.gt_mask_size, spec.gt_mask_size), np.uint8),
+      'gt_crowd': np.zeros((m,), bool),
+      'gt_valid': np.zeros((m,), bool),
+  }
+  out['gt_boxes'][:k] = boxes[keep]
+  out['gt_labels'][:k] = record['labels'][keep]
+  out['gt_masks'][:k] = crops
+  out['gt_crowd'][:k] = record['crowd'][keep]
+  out['gt_valid'][:k] = True
+  return out
+
+
+def stack(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+# ------------------------------------------------------------------------------ batch plan
+class TrainPlan:
+  """The bucket-homogeneous global batch plan of the training stream (module docstring).
+
+  plan[k] = (bucket index, record indices int64 [B], min sizes int64 [B], flips bool [B]).
+  Epoch e shuffles every record once; images left in a partly filled bucket buffer at the end of
+  an epoch are carried, with their drawn augmentation, into epoch e + 1's buffers, so nothing is
+  dropped (and a tiny dataset still forms batches). The plan depends only on the image sizes,
+  the config and the seed; epochs are computed lazily, in order, and cached.
+  """
+
+  def __init__(self, heights: np.ndarray, widths: np.ndarray, *, seed: int, batch_size: int,
+               train_min_sizes: Sequence[int], max_size: int,
+               buckets: Sequence[Sequence[int]], hflip_prob: float):
+    self.heights = np.asarray(heights, np.int64)
+    self.widths = np.asarray(widths, np.int64)
+    if not len(self.heights):
+      raise ValueError('no training images')
+    self.seed = int(seed)
+    self.batch_size = int(batch_size)
+    self.min_sizes = np.asarray(train_min_sizes, np.int64)
+    self.hflip_prob = float(hflip_prob)
+    self.buckets = tuple(tuple(map(int, b)) for b in buckets)
+    # Bucket of every (image, min-size choice): [N, len(train_min_sizes)].
+    pairs, inverse = np.unique(np.stack([self.heights, self.widths], 1), axis=0,
+                               return_inverse=True)
+    table = np.array([[self.buckets.index(structures.choose_bucket(
+        *transforms.resize_shape(int(h), int(w), int(s), max_size), self.buckets))
+                       for s in self.min_sizes] for h, w in pairs], np.int64)
+    self.bucket_of = table.reshape(len(pairs), -1)[np.ravel(inverse)]
+    self._epochs: collections.OrderedDict = collections.OrderedDict()
+    self._counts: list[int] = []  # batches emitted by each computed epoch
+    self._carry: list[dict] = [{}]  # carry-in of epoch e: {bucket: [(index, min_size, flip)]}
+    self._lock = threading.RLock()
+
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    state['_epochs'] = collections.OrderedDict()
+    del state['_lock']
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.RLock()
+
+  def __len__(self) -> int:
+    return PLAN_LENGTH
+
+  def _compute(self, e: int):
+    """Epoch e's batches and its carry-out (needs the carry-in of epoch e)."""
+    n = len(self.heights)
+    rng = np.random.default_rng([self.seed, e])
+    order = rng.permutation(n)
+    choice = rng.integers(len(self.min_sizes), size=n)
+    flips = rng.random(n) < self.hflip_prob
+    sizes = self.min_sizes[choice]
+    bucket = self.bucket_of[order, choice[order]]
+    pending = collections.defaultdict(list)
+    for b, items in self._carry[e].items():
+      pending[b] = list(items)
+    batches, batch_buckets = [], []
+    for i, b in zip(order.tolist(), bucket.tolist()):
+      pending[b].append((i, int(sizes[i]), bool(flips[i])))
+      if len(pending[b]) == self.batch_size:
+        batches.append(pending.pop(b))
+        batch_buckets.append(b)
+    arr = np.array(batches, dtype=np.int64).reshape(-1, self.batch_size, 3)
+    epoch = (np.array(batch_buckets, np.int64), arr[..., 0], arr[..., 1], arr[..., 2] > 0)
+    return epoch, {b: items for b, items in pending.items() if items}
+
+  def _epoch(self, e: int):
+    with self._lock:
+      if e in self._epochs:
+        self._epochs.move_to_end(e)
+        return self._epochs[e]
+      while len(self._carry) <= e:  # carry-ins come from computing the epochs in order
+        self._epoch(len(self._carry) - 1)
+      epoch, carry_out = self._compute(e)
+      if len(self._counts) == e:
+        self._counts.append(len(epoch[0]))
+        self._carry.append(carry_out)
+      self._epochs[e] = epoch
+      while len(self._epochs) > _EPOCH_CACHE:
+        self._epochs.popitem(last=False)
+      return epoch
+
+  def locate(self, k: int) -> tuple[int, int]:
+    """(epoch, batch within the epoch) of stream batch k."""
+    if k < 0:
+      raise IndexError(k)
+    e, start = 0, 0
+    while True:
+      if e == len(self._counts):
+        self._epoch(e)
+      if k < start + self._counts[e]:
+        return e, k - start
+      start += self._counts[e]
+      e += 1
+
+  def __getitem__(self, k: int):
+    e, j = self.locate(int(k))
+    buckets, idx, min_sizes, flips = self._epoch(e)
+    return int(buckets[j]), idx[j], min_sizes[j], flips[j]
+
+
+class _TrainBatchLoader:
+  """Loads host `host`'s slice of a planned global batch (runs inside grain workers)."""
+
+  def __init__(self, records, spec: _InputSpec, host: int, per_host: int):
+    self.records, self.spec, self.host, self.per_host = records, spec, host, per_host
+
+  def __call__(self, planned) -> dict[str, np.ndarray]:
+    bucket, idx, min_sizes, flips = planned
+    lo, hi = self.host * self.per_host, (self.host + 1) * self.per_host
+    examples = [process_train_example(self.records[i], int(s), bool(f), self.spec)
+                for i, s, f in zip(idx[lo:hi], min_sizes[lo:hi], flips[lo:hi])]
+    batch = stack(examples)
+    if batch['images'].shape[1:3] != self.spec.buckets[bucket]:
+      raise AssertionError('planned and actual size buckets differ')
+    return batch
+
+
+# ------------------------------------------------------------------------------- iterators
+def _process_info(per_host_batch_size: Optional[int], global_batch: int):
+  import jax  # pylint: disable=g-import-not-at-top
+  count, index = jax.process_count(), jax.process_index()
+  per_host = per_host_batch_size or global_batch // count
+  if per_host * count != global_batch:
+    raise ValueError(f'config.input.batch_size = {global_batch} is not {count} hosts x '
+                     f'{per_host} images')
+  return index, count, per_host
+
+
+def _to_iter(source, loader, start: int, config) -> Any:
+  ds = grain.MapDataset.source(source)[start:].map(loader)
+  workers, prefetch = int(config.input.num_workers), int(config.input.prefetch)
+  if workers > 0:
+    if not flags.FLAGS.is_parsed():
+      # grain's worker start-up reads absl flags; outside absl.app (tests, notebooks) use the
+      # defaults rather than fail.
+      flags.FLAGS.mark_as_parsed()
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
+  else:
+    threads = 1 if prefetch > 0 else 0
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                 prefetch_buffer_size=prefetch))
+  return iter(it_ds)
+
+
+class TrainIterator(Iterator[dict[str, np.ndarray]]):
+  """Infinite iterator of this host's training batches, with JSON get_state()/set_state()."""
+
+  def __init__(self, plan: TrainPlan, loader: _TrainBatchLoader, config, num_records: int,
+               label_map: coco.LabelMap):
+    self._plan, self._loader, self._config = plan, loader, config
+    self._num_records = num_records
+    self.label_map = label_map
+    # Stored with checkpoints by train.py: {'label_to_category_id', 'class_names'}.
+    self.meta = label_map.meta()
+    self._next = 0
+    self._it = None
+
+  @property
+  def plan(self) -> TrainPlan:
+    return self._plan
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._it is None:
+      self._it = _to_iter(self._plan, self._loader, self._next, self._config)
+    batch = next(self._it)
+    self._next += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    """{'version', 'next_batch', 'seed', 'global_batch_size', 'num_records'}: plain ints."""
+    return {'version': STATE_VERSION, 'next_batch': self._next, 'seed': self._plan.seed,
+            'global_batch_size': self._plan.batch_size, 'num_records': self._num_records}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues at state['next_batch']; refuses a state of another seed/batch/dataset."""
+    mine = self.get_state()
+    for key in ('seed', 'global_batch_size', 'num_records'):
+      if int(state[key]) != mine[key]:
+        raise ValueError(f'input state has {key}={state[key]} but this pipeline has '
+                         f'{mine[key]}')
+    self.close()
+    self._next = int(state['next_batch'])
+
+  def close(self) -> None:
+    if self._it is not None and hasattr(self._it, 'close'):
+      self._it.close()
+    self._it = None
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, *,
+                        per_host_batch_size: Optional[int] = None,
+                        dataset: Optional[coco.CocoDataset] = None) -> TrainIterator:
+  """This host's training batches (structures.py format, batch dim = per-host batch size).
+
+  Args:
+    config: the full config (input.*, data.*, seed).
+    per_host_batch_size: defaults to input.batch_size / jax.process_count().
+    dataset: records to use instead of load_dataset_records(config, 'train').
+  """
+  i = config.input
+  host, _, per_host = _process_info(per_host_batch_size, int(i.batch_size))
+  ds = dataset if dataset is not None else load_dataset_records(config, 'train')
+  records = ds.records
+  if i.skip_empty_train:
+    kept = [r for r in records if _has_training_instance(r)]
+    if len(kept) < len(records):
+      log.info('training skips %d images without non-crowd instances', len(records) - len(kept))
+    records = kept
+  plan = TrainPlan([r['height'] for r in records], [r['width'] for r in records],
+                   seed=config.seed, batch_size=i.batch_size,
+                   train_min_sizes=i.train_min_sizes, max_size=i.max_size, buckets=i.buckets,
+                   hflip_prob=i.hflip_prob)
+  loader = _TrainBatchLoader(records, _InputSpec.from_config(config), host, per_host)
+  return TrainIterator(plan, loader, config, len(records), ds.label_map)
+
+
+# ------------------------------------------------------------------------------------ eval
+class EvalDataset(Sequence[dict[str, Any]]):
+  """Evaluation images, decoded lazily; `.label_map` and `.json_path` name the ground truth.
+
+  Item n is a dict:
+
+      image_id    int
+      image       uint8 [h, w, 3] the original RGB image
+      orig_size   int32 [2] (h, w)
+      input       float32 [Hb, Wb, 3] resized to input.min_size, normalised, bucket-padded
+      image_size  int32 [2] (height, width) of the resized content inside the padding
+  """
+
+  def __init__(self, records, spec: _InputSpec, min_size: int,
+               label_map: Optional[coco.LabelMap] = None, json_path: str = ''):
+    self.records, self.spec, self.min_size = records, spec, int(min_size)
+    self.label_map, self.json_path = label_map, json_path  # for the evaluator
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, n: int) -> dict[str, Any]:
+    r = self.records[n]
+    image = coco.record_image(r)
+    x, new_hw = preprocess_image(image, self.min_size, False, self.spec)
+    return {'image_id': int(r['image_id']), 'image': image,
+            'orig_size': np.array([r['height'], r['width']], np.int32), 'input': x,
+            'image_size': np.array(new_hw, np.int32)}
+
+
+def make_eval_dataset(config: ml_collections.ConfigDict, *,
+                      dataset: Optional[coco.CocoDataset] = None,
+                      shard: bool = False) -> EvalDataset:
+  """The validation images of config.data (see EvalDataset), in image-id order.
+
+  shard=True keeps only this host's images (every jax.process_count()-th, from its index).
+  """
+  ds = dataset if dataset is not None else load_dataset_records(config, 'val')
+  records = ds.records
+  if shard:
+    import jax  # pylint: disable=g-import-not-at-top
+    records = records[jax.process_index()::jax.process_count()]
+  return EvalDataset(records, _InputSpec.from_config(config), config.input.min_size,
+                     ds.label_map, ds.json_path)
+
+
+class _EvalBatchLoader:
+  """Loads host `host`'s slice of a padded, bucket-homogeneous eval batch."""
+
+  def __init__(self, eval_ds: EvalDataset, host: int, per_host: int):
+    self.eval_ds, self.host, self.per_host = eval_ds, host, per_host
+
+  def __call__(self, planned) -> dict[str, np.ndarray]:
+    bucket, idx = planned
+    hb, wb = self.eval_ds.spec.buckets[bucket]
+    out = {'images': np.zeros((self.per_host, hb, wb, 3), np.float32),
+           'image_size': np.zeros((self.per_host, 2), np.int32),
+           'image_id': np.full((self.per_host,), -1, np.int64),
+           'orig_size': np.zeros((self.per_host, 2), np.int32),
+           'valid': np.zeros((self.per_host,), bool)}
+    for slot, n in enumerate(idx[self.host * self.per_host:(self.host + 1) * self.per_host]):
+      if n < 0:
+        continue
+      item = self.eval_ds[int(n)]
+      out['images'][slot] = item['input']
+      out['image_size'][slot] = item['image_size']
+      out['image_id'][slot] = item['image_id']
+      out['orig_size'][slot] = item['orig_size']
+      out['valid'][slot] = True
+    return out
+
+
+def eval_plan(eval_ds: EvalDataset, batch_size: int) -> list[tuple[int, np.ndarray]]:
+  """Global eval batches: images grouped by bucket (config order), padded with -1 indices."""
+  spec = eval_ds.spec
+  groups = collections.defaultdict(list)
+  for n, r in enumerate(eval_ds.records):
+    hw = transforms.resize_shape(r['height'], r['width'], eval_ds.min_size, spec.max_size)
+    groups[spec.buckets.index(structures.choose_bucket(*hw, spec.buckets))].append(n)
+  plan = []
+  for b in sorted(groups):
+    members = groups[b]
+    for s in range(0, len(members), batch_size):
+      idx = np.full((batch_size,), -1, np.int64)
+      chunk = members[s:s + batch_size]
+      idx[:len(chunk)] = chunk
+      plan.append((b, idx))
+  return plan
+
+
+def make_eval_iterator(config: ml_collections.ConfigDict, *,
+                       per_host_batch_size: Optional[int] = None,
+                       dataset: Optional[coco.CocoDataset] = None):
+  """One pass over the validation set in bucket-homogeneous batches, this host's slice.
+
+  Yields dicts: images float32 [b, Hb, Wb, 3], image_size int32 [b, 2] (resized content),
+  image_id int64 [b] (-1 in padding), orig_size int32 [b, 2] (original h, w), valid bool [b].
+  All hosts see the same number of batches with the same buckets.
+  """
+  host, count, per_host = _process_info(per_host_batch_size, int(config.input.batch_size))
+  eval_ds = make_eval_dataset(config, dataset=dataset)
+  plan = eval_plan(eval_ds, per_host * count)
+  it = _to_iter(plan, _EvalBatchLoader(eval_ds, host, per_host), 0, config)
+  yield from it

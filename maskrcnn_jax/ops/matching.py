@@ -1,0 +1,250 @@
+"""Assigns candidates (anchors, proposals) to ground-truth boxes by IoU, and builds RPN targets.
+
+torchvision's `Matcher` for static shapes: padded ground-truth slots carry `valid=False` instead of
+being absent, and crowd regions turn would-be negatives into ignored candidates.
+"""
+
+import enum
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from maskrcnn_jax.ops import boxes as box_ops
+
+# Detectron's TRAIN.CROWD_FILTER_THRESH: a candidate this much inside a crowd region is ignored.
+CROWD_IOA_THRESH = 0.7
+# A harmless box substituted for padded slots so garbage never reaches IoU or the box coder.
+_DUMMY_BOX = (0.0, 0.0, 1.0, 1.0)
+
+
+class MatchLabel(enum.IntEnum):
+  """Outcome of matching one candidate (torchvision Matcher's -2 / -1 / >= 0, renamed)."""
+  IGNORE = -1  # between thresholds, padded, or inside a crowd region: no loss at all
+  NEGATIVE = 0  # background
+  POSITIVE = 1  # foreground, regressed towards its matched ground truth
+
+
+def sanitize_boxes(boxes: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
+  """Replaces the boxes of padded slots by a unit box so that no NaN/inf can leak from them.
+
+  Args:
+    boxes: float `[N, 4]` xyxy.
+    valid: bool `[N]`.
+
+  Returns:
+    float32 `[N, 4]`.
+  """
+  boxes = jnp.asarray(boxes, jnp.float32)
+  return jnp.where(valid[:, None], boxes, jnp.asarray(_DUMMY_BOX, jnp.float32))
+
+
+def match(iou: jnp.ndarray,
+          gt_valid: jnp.ndarray,
+          fg_thresh: float,
+          bg_thresh: float,
+          allow_low_quality: bool,
+          *,
+          candidate_valid: Optional[jnp.ndarray] = None):
+  """Matches every candidate to its best ground truth (torchvision `Matcher.__call__`).
+
+  For candidate n with best IoU `q = max_g iou[g, n]` over valid gts:
+  `q >= fg_thresh` -> POSITIVE, `q < bg_thresh` -> NEGATIVE, otherwise IGNORE.
+
+  With `allow_low_quality`, torchvision's `set_low_quality_matches_` is applied: for each valid gt,
+  every candidate whose IoU with it equals that gt's best IoU (ties included) becomes POSITIVE.
+  As in torchvision, such a candidate keeps its own best gt (`argmax_g iou[:, n]`) as its match,
+  which is not necessarily the gt that promoted it. One deliberate difference: a gt whose best IoU
+  is 0 promotes nothing (torchvision would turn every candidate with zero overlap positive; that
+  only happens for degenerate or off-image gt boxes, which torchvision rejects elsewhere).
+
+  Args:
+    iou: float `[G, N]` IoU of gt g with candidate n (gt-major, like torchvision).
+    gt_valid: bool `[G]`; invalid gts never match and are skipped by the low-quality rule. Pass
+      `gt_valid & ~gt_crowd` to exclude crowd regions.
+    fg_thresh: Matcher's `high_threshold` (static or traced scalar).
+    bg_thresh: Matcher's `low_threshold`.
+    allow_low_quality: static bool.
+    candidate_valid: optional bool `[N]`; invalid candidates are labelled IGNORE and do not take
+      part in the per-gt best-IoU search of the low-quality rule.
+
+  Returns:
+    matched_gt: int32 `[N]` index of the best valid gt for every candidate (an in-range index for
+      all candidates; meaningful where `labels == POSITIVE`).
+    labels: int32 `[N]` of `MatchLabel` values. All NEGATIVE (valid candidates) when no gt is valid.
+  """
+  iou = jnp.asarray(iou, jnp.float32)
+  num_gt, num_candidates = iou.shape
+  if candidate_valid is None:
+    candidate_valid = jnp.ones((num_candidates,), bool)
+  candidate_valid = jnp.asarray(candidate_valid, bool)
+  if num_gt == 0:
+    labels = jnp.where(candidate_valid, MatchLabel.NEGATIVE, MatchLabel.IGNORE)
+    return jnp.zeros((num_candidates,), jnp.int32), labels.astype(jnp.int32)
+
+  gt_valid = jnp.asarray(gt_valid, bool)
+  pair_valid = gt_valid[:, None] & candidate_valid[None, :]
+  quality = jnp.where(pair_valid, iou, -jnp.inf)
+  matched_gt = jnp.argmax(quality, axis=0).astype(jnp.int32)  # first max on ties, as torch.max
+  best = jnp.max(quality, axis=0)
+  labels = jnp.where(best >= fg_thresh, MatchLabel.POSITIVE,
+                     jnp.where(best < bg_thresh, MatchLabel.NEGATIVE, MatchLabel.IGNORE))
+
+  if allow_low_quality:
+    best_per_gt = jnp.max(quality, axis=1, keepdims=True)  # [G, 1], -inf for invalid gts
+    achieves_best = pair_valid & (quality == best_per_gt) & (best_per_gt > 0)
+    labels = jnp.where(jnp.any(achieves_best, axis=0), MatchLabel.POSITIVE, labels)
+
+  labels = jnp.where(jnp.any(gt_valid), labels, MatchLabel.NEGATIVE)
+  labels = jnp.where(candidate_valid, labels, MatchLabel.IGNORE)
+  return matched_gt, labels.astype(jnp.int32)
+
+
+def apply_crowd_ignore(labels: jnp.ndarray, crowd_ioa: jnp.ndarray, gt_crowd: jnp.ndarray,
+                 ioa_thresh: float = CROWD_IOA_THRESH) -> jnp.ndarray:
+  """Turns NEGATIVE candidates lying inside a crowd region into IGNORE.
+
+  A crowd region (COCO `iscrowd=1`) contains unannotated instances, so a candidate inside it must
+  not be taught "background" (Detectron's `_filter_crowd_proposals`, with COCO's crowd overlap
+  `|candidate ∩ crowd| / |candidate|`). Unlike Detectron we keep POSITIVE candidates: they match an
+  annotated instance well and are correct foreground even when that instance stands in a crowd.
+
+  Args:
+    labels: int32 `[N]` MatchLabel values.
+    crowd_ioa: float `[G, N]` intersection over candidate area,
+      `boxes.pairwise_ioa(gt_boxes, candidates)`.
+    gt_crowd: bool `[G]`, True for valid crowd gts only.
+    ioa_thresh: candidates with IoA >= this with any crowd gt are affected.
+
+  Returns:
+    int32 `[N]` labels.
+  """
+  covered = jnp.any(gt_crowd[:, None] & (crowd_ioa >= ioa_thresh), axis=0)
+  return jnp.where(covered & (labels == MatchLabel.NEGATIVE), MatchLabel.IGNORE,
+                   labels).astype(jnp.int32)
+
+
+def match_boxes(gt_boxes: jnp.ndarray,
+                gt_valid: jnp.ndarray,
+                gt_crowd: jnp.ndarray,
+                candidates: jnp.ndarray,
+                candidate_valid: jnp.ndarray,
+                *,
+                fg_thresh: float,
+                bg_thresh: float,
+                allow_low_quality: bool,
+                ignore_crowd: bool = True,
+                crowd_ioa_thresh: float = CROWD_IOA_THRESH):
+  """IoU matching of candidate boxes to gt boxes with padding and crowd handling.
+
+  Crowd gts are excluded from matching (they never produce positives, as in torchvision and
+  detectron2, which drop them); with `ignore_crowd`, negatives inside a crowd region are
+  ignored (see `apply_crowd_ignore`).
+
+  Args:
+    gt_boxes: float `[G, 4]` xyxy, padded-input pixels; padded slots may hold garbage.
+    gt_valid: bool `[G]`.
+    gt_crowd: bool `[G]`.
+    candidates: float `[N, 4]` xyxy anchors or proposals, same frame; padded slots may hold garbage.
+    candidate_valid: bool `[N]`.
+    fg_thresh, bg_thresh, allow_low_quality: see `match`.
+    ignore_crowd: static bool.
+    crowd_ioa_thresh: IoA threshold for crowd regions.
+
+  Returns:
+    (matched_gt int32 `[N]`, labels int32 `[N]` MatchLabel), as `match`.
+  """
+  gt_valid = jnp.asarray(gt_valid, bool)
+  gt_crowd = jnp.asarray(gt_crowd, bool) & gt_valid
+  candidate_valid = jnp.asarray(candidate_valid, bool)
+  gt_boxes = sanitize_boxes(gt_boxes, gt_valid)
+  candidates = sanitize_boxes(candidates, candidate_valid)
+  iou = box_ops.pairwise_iou(gt_boxes, candidates)
+  matched_gt, labels = match(iou, gt_valid & ~gt_crowd, fg_thresh, bg_thresh, allow_low_quality,
+                             candidate_valid=candidate_valid)
+  if ignore_crowd:
+    # pairwise_ioa(a, b) divides by the area of b: here the candidate's, as COCO's iscrowd overlap.
+    ioa = box_ops.pairwise_ioa(gt_boxes, candidates)
+    labels = apply_crowd_ignore(labels, ioa, gt_crowd, crowd_ioa_thresh)
+  return matched_gt, labels
+
+
+def scatter_mask(indices: jnp.ndarray, valid: jnp.ndarray, size: int) -> jnp.ndarray:
+  """bool `[size]`, True at `indices[valid]` (duplicate or invalid indices are harmless)."""
+  counts = jnp.zeros((size,), jnp.int32).at[indices].add(valid.astype(jnp.int32))
+  return counts > 0
+
+
+def rpn_targets(key: jax.Array,
+                anchors: jnp.ndarray,
+                anchor_valid: jnp.ndarray,
+                gt_boxes: jnp.ndarray,
+                gt_valid: jnp.ndarray,
+                gt_crowd: jnp.ndarray,
+                *,
+                fg_thresh: float = 0.7,
+                bg_thresh: float = 0.3,
+                allow_low_quality: bool = True,
+                batch_size: int = 256,
+                positive_fraction: float = 0.5,
+                weights: Sequence[float] = box_ops.RPN_BOX_WEIGHTS,
+                ignore_crowd: bool = True,
+                crowd_ioa_thresh: float = CROWD_IOA_THRESH) -> dict:
+  """RPN training targets for one image (torchvision RPN `assign_targets_to_anchors`, then its
+  `fg_bg_sampler`).
+
+  Anchors are matched with the RPN thresholds (torchvision: 0.7 / 0.3, low-quality matches on),
+  then `batch_size` anchors are sampled with at most `int(batch_size * positive_fraction)`
+  positives. As in torchvision, anchors crossing the image border are kept; `anchor_valid` only
+  lets the caller drop anchors (e.g. ones centred in the padding). jit/vmap-safe: vmap over images
+  with `in_axes=(0, None, None or 0, 0, 0, 0)`.
+
+  Args:
+    key: PRNG key for the sampler (one per image).
+    anchors: float32 `[A, 4]` xyxy, padded-input pixels (all levels concatenated).
+    anchor_valid: bool `[A]`.
+    gt_boxes: float32 `[M, 4]` xyxy; gt_valid, gt_crowd: bool `[M]`.
+    fg_thresh, bg_thresh, allow_low_quality: matcher settings (config `model.rpn.fg_iou_thresh`,
+      `bg_iou_thresh`, `allow_low_quality_matches`).
+    batch_size, positive_fraction: static sampler settings (`model.rpn.batch_size_per_image`,
+      `positive_fraction`).
+    weights: box-coder weights (`model.rpn.bbox_reg_weights`).
+    ignore_crowd, crowd_ioa_thresh: `model.roi.ignore_crowd`, `model.roi.crowd_ioa_thresh`.
+
+  Returns:
+    dict of per-anchor arrays (all gradient-stopped):
+      objectness: float32 `[A]` BCE target, 1 for sampled positives, else 0.
+      sampled: bool `[A]` anchors that take part in the objectness loss (the BCE weight).
+      positive: bool `[A]` sampled positives (the box-loss mask).
+      box_targets: float32 `[A, 4]` encoded deltas of the matched gt; 0 where not `positive`.
+      matched_gt: int32 `[A]`; labels: int32 `[A]` MatchLabel before sampling.
+  """
+  # Imported here because sampling.py imports this module.
+  from maskrcnn_jax.ops import sampling  # pylint: disable=g-import-not-at-top
+
+  anchors = jnp.asarray(anchors, jnp.float32)
+  num_anchors = anchors.shape[0]
+  anchor_valid = jnp.broadcast_to(jnp.asarray(anchor_valid, bool), (num_anchors,))
+  gt_valid = jnp.asarray(gt_valid, bool)
+  matched_gt, labels = match_boxes(
+      gt_boxes, gt_valid, gt_crowd, anchors, anchor_valid, fg_thresh=fg_thresh,
+      bg_thresh=bg_thresh, allow_low_quality=allow_low_quality,
+      ignore_crowd=ignore_crowd, crowd_ioa_thresh=crowd_ioa_thresh)
+  indices, is_positive, valid = sampling.sample_balanced(key, labels, anchor_valid, batch_size,
+                                                         positive_fraction)
+  sampled = scatter_mask(indices, valid, num_anchors)
+  positive = scatter_mask(indices, valid & is_positive, num_anchors)
+
+  safe_gt = sanitize_boxes(gt_boxes, gt_valid)[matched_gt]
+  safe_anchors = sanitize_boxes(anchors, anchor_valid)
+  box_targets = box_ops.encode(safe_gt, safe_anchors, weights)
+  box_targets = jnp.where(positive[:, None], box_targets, 0.0)
+  out = {
+      'objectness': positive.astype(jnp.float32),
+      'sampled': sampled,
+      'positive': positive,
+      'box_targets': box_targets,
+      'matched_gt': matched_gt,
+      'labels': labels,
+  }
+  return jax.tree_util.tree_map(jax.lax.stop_gradient, out)
