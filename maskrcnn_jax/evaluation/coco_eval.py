@@ -319,7 +319,8 @@ def evaluate(predictor: Predictor, records: Iterable[Any], gt_json: Union[str, o
     Image.fromarray(picture).save(os.path.join(out_dir, PICTURES_DIR, f'{image_id}.png'))
   if summary_writer is not None:
     for name, value in metrics.items():
-      summary_writer.add_scalar(tag_prefix + name, value, step)
+      if math.isfinite(value):  # NaN marks 'no ground truth in this size range'
+        summary_writer.add_scalar(tag_prefix + name, value, step)
     for image_id, picture in pictures:
       summary_writer.add_image(f'{tag_prefix}pictures/{image_id}', picture, step,
                                dataformats='HWC')

@@ -1,0 +1,30 @@
+"""FPN: torch nearest-upsampling indices, P6 as a stride-2 subsample, level shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskrcnn_jax.modeling import fpn
+from tests.modeling.helpers import numpy_variables
+
+
+def test_resize_nearest_uses_torch_indexing():
+  x = jnp.arange(3.0)[None, :, None, None] * jnp.ones((1, 3, 2, 1))
+  # torch F.interpolate(size=5, mode='nearest'): src = floor(dst * 3 / 5) = 0, 0, 1, 1, 2.
+  np.testing.assert_array_equal(fpn.resize_nearest(x, (5, 2))[0, :, 0, 0], [0, 0, 1, 1, 2])
+  y = jnp.arange(6.0).reshape(1, 2, 3, 1)
+  np.testing.assert_array_equal(fpn.resize_nearest(y, (4, 6))[0, :, :, 0],
+                                np.repeat(np.repeat(np.arange(6.0).reshape(2, 3), 2, 0), 2, 1))
+
+
+def test_levels_and_p6():
+  model = fpn.FPN(channels=8)
+  # An input whose C5 has odd size (3 x 5), as a 96 x 160 image gives.
+  shapes = ((24, 40), (12, 20), (6, 10), (3, 5))
+  feats = [jax.random.normal(jax.random.key(i), (1, h, w, 4 * 2**i))
+           for i, (h, w) in enumerate(shapes)]
+  variables = numpy_variables(jax.eval_shape(model.init, jax.random.key(0), feats))
+  outs = jax.jit(model.apply)(variables, feats)
+  assert [o.shape for o in outs] == [(1, h, w, 8) for h, w in shapes] + [(1, 2, 3, 8)]
+  # torchvision LastLevelMaxPool: max_pool2d(kernel 1, stride 2) == subsampling.
+  np.testing.assert_array_equal(outs[4], outs[3][:, ::2, ::2])

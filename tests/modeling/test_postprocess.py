@@ -1,0 +1,93 @@
+"""Detection postprocessing against a NumPy port of torchvision's postprocess_detections."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maskrcnn_jax.modeling import postprocess
+from tests.modeling import helpers
+
+NUM_PROPOSALS, NUM_CLASSES, DETECTIONS = 30, 4, 10
+IMAGE_HW = (60, 90)  # content size; proposals may stick out of it (clipping is tested)
+SCORE_THRESH, NMS_THRESH, MIN_SIZE = 0.05, 0.5, 1e-2
+WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+
+_post = jax.jit(functools.partial(
+    postprocess.postprocess_detections, score_thresh=SCORE_THRESH, nms_thresh=NMS_THRESH,
+    detections_per_img=DETECTIONS, min_box_size=MIN_SIZE, bbox_reg_weights=WEIGHTS))
+
+
+def _case(seed):
+  rng = np.random.default_rng(seed)
+  xy = rng.uniform(-5, 80, size=(NUM_PROPOSALS, 2))
+  wh = rng.uniform(2, 40, size=(NUM_PROPOSALS, 2))
+  proposals = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+  logits = (2.0 * rng.normal(size=(NUM_PROPOSALS, NUM_CLASSES))).astype(np.float32)
+  deltas = (0.5 * rng.normal(size=(NUM_PROPOSALS, 4 * NUM_CLASSES))).astype(np.float32)
+  valid = rng.uniform(size=NUM_PROPOSALS) < 0.8
+  return logits, deltas, proposals, valid
+
+
+def _reference(logits, deltas, proposals, valid):
+  """torchvision RoIHeads.postprocess_detections for one image, float64, plain loops."""
+  logits = logits.astype(np.float64)
+  e = np.exp(logits - logits.max(axis=1, keepdims=True))
+  scores = e / e.sum(axis=1, keepdims=True)
+  boxes = helpers.np_decode(deltas.reshape(NUM_PROPOSALS, NUM_CLASSES, 4), proposals[:, None],
+                            WEIGHTS)
+  h, w = IMAGE_HW
+  boxes[..., 0::2] = np.clip(boxes[..., 0::2], 0, w)
+  boxes[..., 1::2] = np.clip(boxes[..., 1::2], 0, h)
+  cand_boxes, cand_scores, cand_labels = [], [], []
+  for p in np.flatnonzero(valid):
+    for k in range(1, NUM_CLASSES):
+      b = boxes[p, k]
+      if scores[p, k] > SCORE_THRESH and b[2] - b[0] >= MIN_SIZE and b[3] - b[1] >= MIN_SIZE:
+        cand_boxes.append(b)
+        cand_scores.append(scores[p, k])
+        cand_labels.append(k)
+  keep = helpers.np_greedy_nms(cand_boxes, cand_scores, NMS_THRESH, cand_labels)[:DETECTIONS]
+  return (np.array([cand_boxes[i] for i in keep]).reshape(-1, 4),
+          np.array([cand_scores[i] for i in keep]), np.array([cand_labels[i] for i in keep]))
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_matches_reference(seed):
+  logits, deltas, proposals, valid = _case(seed)
+  out = _post(logits, deltas, proposals, valid, jnp.array(IMAGE_HW))
+  boxes, scores, labels = _reference(logits, deltas, proposals, valid)
+  n = len(scores)
+  assert n > 0
+  np.testing.assert_array_equal(out['valid'], np.arange(DETECTIONS) < n)
+  np.testing.assert_allclose(out['boxes'][:n], boxes, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(out['scores'][:n], scores, rtol=1e-5)
+  np.testing.assert_array_equal(out['labels'][:n], labels)
+  # Invalid slots hold zeros.
+  assert not np.any(out['boxes'][n:]) and not np.any(out['scores'][n:])
+  assert not np.any(out['labels'][n:])
+
+
+def test_garbage_in_invalid_proposals_changes_nothing():
+  logits, deltas, proposals, valid = _case(7)
+  ref = _post(logits, deltas, proposals, valid, jnp.array(IMAGE_HW))
+  bad = ~valid
+  logits[bad] = np.array([np.nan, 1e30, -np.inf, np.inf])
+  deltas[bad] = np.inf
+  proposals[bad] = np.array([np.nan, -1e30, 1e30, np.nan])
+  out = _post(logits, deltas, proposals, valid, jnp.array(IMAGE_HW))
+  for k in ref:
+    np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
+
+
+def test_select_class_masks_picks_each_detections_label():
+  logits = np.random.default_rng(0).normal(size=(2, 3, 5, 5, 4)).astype(np.float32)
+  labels = np.array([[1, 3, 0], [2, 2, 1]], np.int32)
+  out = postprocess.select_class_masks(jnp.asarray(logits), jnp.asarray(labels))
+  assert out.shape == (2, 3, 5, 5)
+  for b in range(2):
+    for d in range(3):
+      np.testing.assert_allclose(out[b, d], 1 / (1 + np.exp(-logits[b, d, :, :, labels[b, d]])),
+                                 rtol=1e-6)
