@@ -44,6 +44,8 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   m.anchors.aspect_ratios = (0.5, 1.0, 2.0)  # height / width
   m.anchors.offset = 0.0  # grid offset in units of stride; torchvision and detectron2 use 0.0
   m.anchors.round_base = True  # torchvision rounds base anchors to integers; detectron2 does not
+  # torchvision spaces anchors by padded_size // feature_size (61 px, not 64, for P6 at 800 px)
+  m.anchors.stride_from_grid = False
 
   m.rpn = ml_collections.ConfigDict()
   m.rpn.pre_nms_topk_train = 2000  # per level (torchvision rpn_pre_nms_top_n_train)
@@ -154,7 +156,9 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   r.checkpoint_every = 5_000
   r.keep_checkpoints = 3
   r.num_eval_pictures = 4
-  r.pretrained_backbone = ''  # path to a converted ResNet checkpoint
+  # A torchvision .pth, a detectron2/MSRA .pkl or a checkpoint directory; only backbone/body is
+  # loaded, and the stem is adapted to this config's channel order and pixel statistics.
+  r.pretrained_backbone = ''
   r.init_checkpoint = ''  # explicit checkpoint; a checkpoint in the workdir takes precedence
   r.distributed = False  # call jax.distributed.initialize() (multi-host)
 

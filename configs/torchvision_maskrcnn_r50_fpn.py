@@ -19,8 +19,8 @@ antialiasing, ImageNet RGB statistics); this file changes only:
   exactly as torchvision pads them.
 * anchors.stride_from_grid: torchvision spaces each level's anchors by
   `padded_size // feature_size`, which is not the nominal stride for P6 when the padded side
-  / 32 is odd (800 px -> 13 P6 rows spaced 61 px apart). Needs the model to pass this field to
-  `ops.anchors.generate_anchors(stride_from_grid=...)`.
+  / 32 is odd (800 px -> 13 P6 rows spaced 61 px apart). The model passes this field to
+  `ops.anchors.generate_anchors(stride_from_grid=...)` (modeling/rpn.py passes it through).
 """
 
 from configs import maskrcnn_r50_fpn

@@ -126,8 +126,8 @@ class Predictor:
 
 
 def _class_names(meta: dict, num_classes: int) -> Optional[list[str]]:
-  """Names indexed by label (0 = background) from checkpoint metadata, which stores either
-  K names (data/coco.py) or K + 1 with the background first (weights/convert.py)."""
+  """Names indexed by label (0 = background) from checkpoint metadata, which stores K names for
+  labels 1..K (older converted checkpoints stored K + 1 with the background first)."""
   names = list(meta.get('class_names') or [])
   if len(names) == num_classes - 1:
     names = ['background'] + names
@@ -138,19 +138,26 @@ def predict_to_file(config: ml_collections.ConfigDict, image_path: str, out_path
                     checkpoint: str, score_thresh: float = 0.5) -> dict[str, np.ndarray]:
   """`maskrcnn-jax predict`: detects on one image file and draws the result into `out_path`.
 
-  `checkpoint` is a training workdir or a converted checkpoint directory. Returns the
+  `checkpoint` is a training workdir or a converted checkpoint directory; without one the
+  weights are random and the command says so. Returns the
   prediction (all valid detections; only those scoring >= `score_thresh` are drawn).
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from maskrcnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   from maskrcnn_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
 
-  if not checkpoint:
-    raise ValueError('predict needs a checkpoint directory (a workdir or a converted one)')
+  from maskrcnn_jax.data import coco  # pylint: disable=g-import-not-at-top
+
   structures.validate_config(config)
-  abstract = jax.eval_shape(lambda: mask_rcnn.init_variables(config, jax.random.key(0)))
-  variables, meta = ckpt.restore_variables(checkpoint, abstract, config)
-  image = np.asarray(Image.open(image_path).convert('RGB'))
+  if checkpoint:
+    abstract = jax.eval_shape(lambda: mask_rcnn.init_variables(config, jax.random.key(0)))
+    variables, meta = ckpt.restore_variables(checkpoint, abstract, config)
+  else:
+    print(f'WARNING: no --checkpoint given: the weights are RANDOM (initialised with seed '
+          f'{config.seed}), so the detections drawn into {out_path} mean nothing.', flush=True)
+    variables = mask_rcnn.init_variables(config, jax.random.key(config.seed))
+    meta = {}
+  image = coco.load_image(image_path)  # any PIL mode -> RGB uint8; clear error naming the file
   prediction = Predictor(config, variables)(image)
   names = _class_names(meta or {}, int(config.model.num_classes))
   picture = visualize.draw_predictions(image, prediction, names, score_thresh=score_thresh)

@@ -13,6 +13,7 @@ split depends only on (seed, split, i), and the JSON and PNG bytes are reproduci
 """
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +24,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maskrcnn_jax.data import transforms
+
+log = logging.getLogger(__name__)
 
 CLASSES = ('circle', 'square', 'triangle', 'star')
 # Class hue in degrees; colours jitter around it, so colour helps but does not decide the class.
@@ -178,8 +181,10 @@ def _meta(num_train: int, num_val: int, size: int, seed: int) -> dict[str, Any]:
 
 def ensure_shapes_dataset(root: str, num_train: int, num_val: int, size: int,
                           seed: int = 0) -> str:
-  """Generates the dataset at root unless one with the same parameters is already there.
+  """Generates the dataset at root if it is missing; never deletes or overwrites one.
 
+  An existing shapes dataset generated with other parameters is used as it is (with a warning
+  that says how to regenerate it). A non-empty folder that holds no dataset is an error.
   Generation goes to a temporary sibling folder that is renamed into place, so concurrent
   callers never see a half-written dataset. Returns root.
   """
@@ -187,8 +192,16 @@ def ensure_shapes_dataset(root: str, num_train: int, num_val: int, size: int,
   meta_path = os.path.join(root, META_FILE)
   if os.path.exists(meta_path):
     with open(meta_path) as f:
-      if json.load(f) == meta:
-        return root
+      found = json.load(f)
+    if found != meta:
+      log.warning('using the existing shapes dataset at %s (generated with %s); the config asks '
+                  'for %s: delete the folder to regenerate it', root, found, meta)
+    return root
+  if os.path.exists(os.path.join(root, 'instances_train.json')):
+    return root
+  if os.path.isdir(root) and os.listdir(root):
+    raise FileExistsError(f'{root} is not empty and holds no shapes dataset; choose another '
+                          'config.data.root')
   parent = os.path.dirname(os.path.abspath(root))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.shapes-tmp-', dir=parent)
@@ -198,8 +211,8 @@ def ensure_shapes_dataset(root: str, num_train: int, num_val: int, size: int,
       with open(meta_path) as f:
         if json.load(f) == meta:
           return root
-    if os.path.exists(root):
-      shutil.rmtree(root)
+    if os.path.isdir(root):
+      os.rmdir(root)  # empty (checked above)
     os.rename(tmp, root)
   finally:
     if os.path.exists(tmp):

@@ -39,7 +39,8 @@ def anchors_for(config: ml_collections.ConfigDict, image_hw: Sequence[int]) -> l
   a = config.model.anchors
   return anchors_lib.generate_anchors(tuple(int(s) for s in image_hw), level_strides(config),
                                       a.sizes, a.aspect_ratios, offset=float(a.offset),
-                                      round_base=bool(a.round_base))
+                                      round_base=bool(a.round_base),
+                                      stride_from_grid=bool(a.stride_from_grid))
 
 
 class RPNHead(nn.Module):

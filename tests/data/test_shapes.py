@@ -2,6 +2,7 @@
 import os
 
 import numpy as np
+import pytest
 from pycocotools.coco import COCO
 
 from maskrcnn_jax.data import coco
@@ -82,6 +83,13 @@ def test_ensure_generates_once(tmp_path):
   first = os.stat(os.path.join(root, 'train', '000000.png')).st_mtime_ns
   shapes.ensure_shapes_dataset(root, 2, 1, 32)
   assert os.stat(os.path.join(root, 'train', '000000.png')).st_mtime_ns == first
-  shapes.ensure_shapes_dataset(root, 3, 1, 32)  # other parameters: regenerated
-  assert os.path.exists(os.path.join(root, 'train', '000002.png')) and os.path.exists(meta)
+  shapes.ensure_shapes_dataset(root, 3, 1, 32)  # other parameters: kept as it is, never deleted
+  assert not os.path.exists(os.path.join(root, 'train', '000002.png')) and os.path.exists(meta)
+  assert os.stat(os.path.join(root, 'train', '000000.png')).st_mtime_ns == first
   assert not [n for n in os.listdir(tmp_path) if n.startswith('.shapes-tmp')]
+  other = tmp_path / 'not_a_dataset'
+  other.mkdir()
+  (other / 'notes.txt').write_text('mine')
+  with pytest.raises(FileExistsError, match='not_a_dataset'):
+    shapes.ensure_shapes_dataset(str(other), 2, 1, 32)
+  assert (other / 'notes.txt').read_text() == 'mine'

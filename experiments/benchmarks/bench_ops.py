@@ -1,0 +1,179 @@
+"""Times RoIAlign forward+backward and NMS against torchvision on this machine's CPU.
+
+  /work/tvenv/bin/python experiments/benchmarks/bench_ops.py   # a venv with jax[cpu] + torchvision
+
+Prints a markdown table: our compile time (`jit(...).lower(...).compile()`, kept apart), and
+steady-state medians after warm-up (with `block_until_ready`) of wall time and of process CPU
+time for ours and torchvision's (when importable), with the ratios ours / theirs. CPU time is
+reported because the machine may be shared: it is less sensitive to other processes' load.
+Workloads: RoIAlign 7x7, sampling_ratio 2, legacy (aligned=False), spatial_scale 1/4 on a
+2 x 200 x 336 x 256 float32 map (P2 of an 800 x 1344 input) with 1000 RoIs, 500 per image
+(`jax.vmap` over the two images; torchvision gets the same 1000 RoIs with batch indices);
+backward is the gradient of <out, cotangent> with respect to the features. NMS: 4000 random
+boxes, IoU threshold 0.7, all kept boxes returned (max_output = 4000); and the box-head case
+of 1000 proposals x 90 classes = 90000 class-aware candidates, threshold 0.5, 100 outputs.
+"""
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from maskrcnn_jax.ops import nms as nms_ops  # noqa: E402
+from maskrcnn_jax.ops import roi_align as roi_ops  # noqa: E402
+
+try:
+  import torch
+  import torchvision
+except ImportError:  # torch is optional: only our timings are printed then
+  torch = None
+
+IMAGE_HW = (800, 1344)
+FEATURE_STRIDE = 4
+CHANNELS = 256
+ROIS_PER_IMAGE = 500
+NUM_IMAGES = 2
+OUTPUT_SIZE = 7
+SAMPLING_RATIO = 2
+
+
+def _time(fn, repeats):
+  """(median wall seconds, median process-CPU seconds) of `repeats` calls after 2 warm-ups."""
+  fn()
+  fn()
+  wall, cpu = [], []
+  for _ in range(repeats):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    fn()
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+  return statistics.median(wall), statistics.median(cpu)
+
+
+def _time_jax(jitted, args, repeats):
+  """(compile seconds, median wall, median CPU) of a jitted function on `args`."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  return (compile_s,) + _time(lambda: jax.block_until_ready(compiled(*args)), repeats)
+
+
+def _random_boxes(rng, n, hw, min_size, max_size):
+  """xyxy boxes with uniform centres in the image and log-uniform sides (proposal-like)."""
+  ctr = rng.uniform(0, [hw[1], hw[0]], (n, 2))
+  wh = np.exp(rng.uniform(np.log(min_size), np.log(max_size), (n, 2)))
+  return np.concatenate([ctr - wh / 2, ctr + wh / 2], -1).astype(np.float32)
+
+
+def bench_roi_align(rng, repeats):
+  fh, fw = IMAGE_HW[0] // FEATURE_STRIDE, IMAGE_HW[1] // FEATURE_STRIDE
+  feats = rng.standard_normal((NUM_IMAGES, fh, fw, CHANNELS)).astype(np.float32)
+  boxes = np.stack([_random_boxes(rng, ROIS_PER_IMAGE, IMAGE_HW, 16, 512)
+                    for _ in range(NUM_IMAGES)])
+  cot = rng.standard_normal(
+      (NUM_IMAGES, ROIS_PER_IMAGE, OUTPUT_SIZE, OUTPUT_SIZE, CHANNELS)).astype(np.float32)
+  scale = 1.0 / FEATURE_STRIDE
+
+  def align(f, b):
+    return jax.vmap(lambda fi, bi: roi_ops.roi_align(
+        fi, bi, OUTPUT_SIZE, scale, SAMPLING_RATIO, aligned=False))(f, b)
+
+  fwd = jax.jit(align)
+  fwd_bwd = jax.jit(jax.value_and_grad(lambda f, b, t: jnp.vdot(align(f, b), t)))
+  jf, jb, jc = jnp.asarray(feats), jnp.asarray(boxes), jnp.asarray(cot)
+  rows = {}
+  rows['RoIAlign forward'] = _time_jax(fwd, (jf, jb), repeats)
+  rows['RoIAlign forward+backward'] = _time_jax(fwd_bwd, (jf, jb, jc), repeats)
+  theirs = {}
+  if torch is not None:
+    tf = torch.from_numpy(feats.transpose(0, 3, 1, 2).copy())
+    tb = torch.from_numpy(np.concatenate(
+        [np.repeat(np.arange(NUM_IMAGES, dtype=np.float32), ROIS_PER_IMAGE)[:, None],
+         boxes.reshape(-1, 4)], 1))
+    tc = torch.from_numpy(cot.reshape(-1, OUTPUT_SIZE, OUTPUT_SIZE, CHANNELS)
+                          .transpose(0, 3, 1, 2).copy())
+
+    def t_fwd():
+      with torch.no_grad():
+        torchvision.ops.roi_align(tf, tb, OUTPUT_SIZE, scale, SAMPLING_RATIO, False)
+
+    def t_fwd_bwd():
+      f = tf.detach().requires_grad_(True)
+      out = torchvision.ops.roi_align(f, tb, OUTPUT_SIZE, scale, SAMPLING_RATIO, False)
+      (out * tc).sum().backward()
+
+    theirs['RoIAlign forward'] = _time(t_fwd, repeats)
+    theirs['RoIAlign forward+backward'] = _time(t_fwd_bwd, repeats)
+  return rows, theirs
+
+
+def bench_nms(rng, repeats):
+  rows, theirs = {}, {}
+  n = 4000
+  boxes = _random_boxes(rng, n, IMAGE_HW, 16, 512)
+  scores = rng.uniform(size=n).astype(np.float32)
+  f = jax.jit(lambda b, s: nms_ops.nms(b, s, 0.7, n))
+  jb, js = jnp.asarray(boxes), jnp.asarray(scores)
+  rows['NMS 4000 boxes'] = _time_jax(f, (jb, js), repeats)
+  kept = int(f(jb, js)[1].sum())
+  # Box-head postprocess: 1000 proposals x 90 classes, most below the score threshold.
+  props = _random_boxes(rng, 1000, IMAGE_HW, 16, 512)
+  jitter = rng.normal(0, 4, (1000, 90, 4)).astype(np.float32)
+  cls_boxes = (props[:, None, :] + jitter).reshape(-1, 4)
+  cls_scores = rng.uniform(size=90000).astype(np.float32) ** 4
+  labels = np.tile(np.arange(1, 91, dtype=np.int32), 1000)
+  valid = cls_scores > 0.05
+  g = jax.jit(lambda b, s, l, v: nms_ops.batched_nms(b, s, l, 0.5, 100, v))
+  args = tuple(map(jnp.asarray, (cls_boxes, cls_scores, labels, valid)))
+  rows['batched NMS 90000 candidates -> 100'] = _time_jax(g, args, repeats)
+  if torch is not None:
+    tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
+    theirs['NMS 4000 boxes'] = _time(lambda: torchvision.ops.nms(tb, ts, 0.7), repeats)
+    assert len(torchvision.ops.nms(tb, ts, 0.7)) == kept, 'kept sets differ'
+    vb, vs, vl = (torch.from_numpy(x[valid]) for x in (cls_boxes, cls_scores, labels))
+
+    def t_batched():
+      torchvision.ops.batched_nms(vb, vs, vl, 0.5)[:100]
+
+    theirs['batched NMS 90000 candidates -> 100'] = _time(t_batched, repeats)
+  return rows, theirs
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--repeats', type=int, default=7)
+  args = parser.parse_args()
+  rng = np.random.default_rng(0)
+  print(f'jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores'
+        + (f'; torch {torch.__version__}, torchvision {torchvision.__version__} '
+           f'({torch.get_num_threads()} threads)' if torch is not None else ''))
+  results = []
+  for bench in (bench_roi_align, bench_nms):
+    ours, theirs = bench(rng, args.repeats)
+    for name, timings in ours.items():
+      results.append((name, timings, theirs.get(name)))
+  print()
+  print('| op | ours: compile | ours: wall | torchvision: wall | wall ratio | ours: CPU '
+        '| torchvision: CPU | CPU ratio |')
+  print('|---|---|---|---|---|---|---|---|')
+  for name, (compile_s, wall, cpu), tv in results:
+    ms = lambda x: f'{x * 1e3:.1f} ms'  # noqa: E731
+    if tv is None:
+      print(f'| {name} | {compile_s:.2f} s | {ms(wall)} | n/a | n/a | {ms(cpu)} | n/a | n/a |')
+    else:
+      print(f'| {name} | {compile_s:.2f} s | {ms(wall)} | {ms(tv[0])} | {wall / tv[0]:.3f} '
+            f'| {ms(cpu)} | {ms(tv[1])} | {cpu / tv[1]:.3f} |')
+  if os.getloadavg()[0] > 1.5:
+    print(f'\nnote: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores during the '
+          'run (other processes); wall times are inflated, CPU times less so.')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,8 @@
+"""Paths of the golden files written by tests/weights/golden/make_golden.py."""
+
+import pathlib
+
+GOLDEN = pathlib.Path(__file__).parent / 'golden'
+GOLDEN_PTH = GOLDEN / 'tv_tiny_maskrcnn.pth'  # torch.save'd state dict (float16 tensors)
+GOLDEN_NPZ = GOLDEN / 'tv_tiny_golden.npz'  # inputs and torchvision's outputs
+READER_PTH = GOLDEN / 'reader_cases.pth'  # odd tensor layouts for the torch-free reader
