@@ -175,3 +175,47 @@ def test_tiny_model_overfits_one_batch(tiny_config):
   first, last = np.mean(losses[:5]), np.mean(losses[-10:])
   assert np.all(np.isfinite(losses))
   assert last < first / 5, (first, last)
+
+
+def test_finetune_from_converted_model_with_other_class_count(tmp_path):
+  """The fine-tuning path: a converted torchvision model (5 classes) trains on 3 classes; the
+  class-specific layers re-initialise and training continues from the loaded backbone."""
+  from configs import torchvision_maskrcnn_r50_fpn
+  from maskrcnn_jax import weights
+  from conftest import REPO
+  golden_pth = REPO / 'tests' / 'weights' / 'golden' / 'tv_tiny_maskrcnn.pth'
+  config = torchvision_maskrcnn_r50_fpn.get_config('tiny')
+  config.model.num_classes = 3
+  config.input.batch_size = 4
+  config.optim.base_batch_size = 4
+  config.optim.base_lr = 0.001
+  converted = tmp_path / 'converted'
+  weights.convert_file('torchvision', str(golden_pth), str(converted), config,
+                       allow_class_mismatch=True)
+  loaded = _restore_params(converted, config)
+  assert loaded['roi_heads']['box_predictor']['cls_score']['kernel'].shape[-1] == 3
+  config.run.init_checkpoint = str(converted)
+  metrics = train.train_and_evaluate(config, str(tmp_path / 'run'),
+                                     train_iter=ListIterator([synthetic_batch(config, 4)]),
+                                     num_steps=2)
+  assert np.isfinite(metrics['loss']) and metrics['step'] == 2
+  tuned = _restore_params(tmp_path / 'run', config)
+  fresh = jax.device_get(mask_rcnn.init_variables(config, jax.random.key(0))['params'])
+  body = lambda p: np.concatenate([x.ravel() for x in _leaves(p['backbone']['body'])])
+  assert np.abs(body(tuned) - body(loaded)).max() < 1e-2 * np.abs(body(loaded)).max()
+  assert np.abs(body(tuned) - body(fresh)).max() > 10 * np.abs(body(tuned) - body(loaded)).max()
+
+
+def test_bfloat16_step_keeps_float32_state(tiny_config):
+  config = _config(tiny_config, dtype='bfloat16')
+  mesh = train.make_mesh(jax.devices()[:1])
+  model = mask_rcnn.build_model(config)
+  state, shardings, optimizer = train.init_state(config, model, mesh,
+                                                 tuple(config.input.buckets[0]))
+  step = train.make_jitted_train_step(config, model, optimizer, mesh, shardings)
+  state, metrics = step(state, train.global_batch(synthetic_batch(config, 4), mesh))
+  assert np.isfinite(float(metrics['loss']))
+  assert metrics['loss'].dtype == jnp.float32
+  leaves = jax.tree_util.tree_leaves((state.params, state.opt_state))
+  dtypes = {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)}
+  assert dtypes == {jnp.dtype(jnp.float32)}  # bf16 compute, float32 parameters and momentum
