@@ -353,16 +353,17 @@ def evaluate_config(config, variables, step: Optional[int], *, workdir: str,
   """Evaluates `variables` on the validation split of `config.data` (results in
   `workdir/eval/`). The label map stored with the checkpoint (`meta`) decides how labels map to
   category ids; without one, the validation JSON's own mapping is used."""
+  import jax  # pylint: disable=g-import-not-at-top
   from maskrcnn_jax import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
   from maskrcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   label_map = _label_map_from_meta(meta or {})
   dataset = pipeline.load_dataset_records(config, 'val', label_map=label_map)
   eval_ds = pipeline.make_eval_dataset(config, dataset=dataset)
-  predictor = predictor_lib.Predictor(config, variables)
+  batch_size = max(1, int(config.input.batch_size) // jax.process_count())
+  predictor = predictor_lib.Predictor(config, variables, batch_size=batch_size)
   return evaluate(predictor, eval_ds, eval_ds.json_path, eval_ds.label_map,
                   os.path.join(workdir, 'eval'), num_pictures=config.run.num_eval_pictures,
-                  step=step, summary_writer=summary_writer,
-                  batch_size=max(1, int(config.input.batch_size)))
+                  step=step, summary_writer=summary_writer, batch_size=batch_size)
 
 
 def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str) -> dict[str, float]:
