@@ -81,7 +81,7 @@ def _jax_setup():
   config.input.buckets = ((HEIGHT, WIDTH),)
   variables = None
   try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     from maskrcnn_jax import weights  # pylint: disable=g-import-not-at-top
     state = {k: v.detach().numpy() for k, v in _torch_model().state_dict().items()}
     variables = weights.from_torchvision(state, config)

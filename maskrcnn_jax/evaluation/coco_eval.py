@@ -32,6 +32,7 @@ METRIC_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
 RESULTS_FILE = 'results.json'
 METRICS_FILE = 'metrics.json'
 PICTURES_DIR = 'pictures'
+PICTURE_SCORE_THRESH = 0.5  # pictures show confident detections; metrics use all of them
 
 Prediction = Mapping[str, np.ndarray]
 Predictor = Callable[[list], Sequence[Prediction]]
@@ -301,7 +302,8 @@ def evaluate(predictor: Predictor, records: Iterable[Any], gt_json: Union[str, o
       has_masks &= prediction.get('masks') is not None
       results.extend(detections_to_coco_results(image_id, prediction, label_to_category_id))
       if len(pictures) < num_pictures:
-        pictures.append((image_id, visualize.draw_predictions(image, prediction, class_names)))
+        pictures.append((image_id, visualize.draw_predictions(image, prediction, class_names,
+                                                              score_thresh=PICTURE_SCORE_THRESH)))
   if iou_types is None:
     iou_types = IOU_TYPES if has_masks else ('bbox',)
   logger.info('Evaluating %d detections on %d images (%s)', len(results), len(image_ids),

@@ -45,7 +45,6 @@ from maskrcnn_jax.modeling import resnet as resnet_lib
 from maskrcnn_jax.modeling import roi_heads as roi_lib
 from maskrcnn_jax.modeling import rpn as rpn_lib
 from maskrcnn_jax.ops import losses as loss_ops
-from maskrcnn_jax.ops import matching
 from maskrcnn_jax.ops import sampling
 
 # Spatial size of the dummy image used to create parameters (their shapes do not depend on it).
@@ -166,7 +165,7 @@ class MaskRCNN(nn.Module):
     all_anchors = jnp.asarray(np.concatenate(anchors))
     anchor_valid = jnp.ones(all_anchors.shape[:1], bool)
     rpn_fn = functools.partial(
-        matching.rpn_targets, anchors=all_anchors, anchor_valid=anchor_valid,
+        sampling.rpn_targets, anchors=all_anchors, anchor_valid=anchor_valid,
         fg_thresh=float(m.rpn.fg_iou_thresh), bg_thresh=float(m.rpn.bg_iou_thresh),
         allow_low_quality=bool(m.rpn.allow_low_quality_matches),
         batch_size=int(m.rpn.batch_size_per_image),

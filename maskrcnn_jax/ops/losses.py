@@ -142,7 +142,7 @@ def rpn_loss(objectness_logits: jnp.ndarray,
   Args:
     objectness_logits: float `[A]` (any dtype), anchors in `anchors.generate_anchors` order.
     deltas: float `[A, 4]` predicted `(dx, dy, dw, dh)`.
-    targets: the dict of `matching.rpn_targets` (uses `objectness`, `sampled`, `positive`,
+    targets: the dict of `sampling.rpn_targets` (uses `objectness`, `sampled`, `positive`,
       `box_targets`).
     box_loss: `'smooth_l1'` (torchvision, beta 1/9) or `'l1'` (config `model.rpn.box_loss`).
     beta: smooth-L1 beta (`model.rpn.smooth_l1_beta`).

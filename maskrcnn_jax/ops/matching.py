@@ -5,9 +5,8 @@ being absent, and crowd regions turn would-be negatives into ignored candidates.
 """
 
 import enum
-from typing import Optional, Sequence
+from typing import Optional
 
-import jax
 import jax.numpy as jnp
 
 from maskrcnn_jax.ops import boxes as box_ops
@@ -173,78 +172,3 @@ def scatter_mask(indices: jnp.ndarray, valid: jnp.ndarray, size: int) -> jnp.nda
   """bool `[size]`, True at `indices[valid]` (duplicate or invalid indices are harmless)."""
   counts = jnp.zeros((size,), jnp.int32).at[indices].add(valid.astype(jnp.int32))
   return counts > 0
-
-
-def rpn_targets(key: jax.Array,
-                anchors: jnp.ndarray,
-                anchor_valid: jnp.ndarray,
-                gt_boxes: jnp.ndarray,
-                gt_valid: jnp.ndarray,
-                gt_crowd: jnp.ndarray,
-                *,
-                fg_thresh: float = 0.7,
-                bg_thresh: float = 0.3,
-                allow_low_quality: bool = True,
-                batch_size: int = 256,
-                positive_fraction: float = 0.5,
-                weights: Sequence[float] = box_ops.RPN_BOX_WEIGHTS,
-                ignore_crowd: bool = True,
-                crowd_ioa_thresh: float = CROWD_IOA_THRESH) -> dict:
-  """RPN training targets for one image (torchvision RPN `assign_targets_to_anchors`, then its
-  `fg_bg_sampler`).
-
-  Anchors are matched with the RPN thresholds (torchvision: 0.7 / 0.3, low-quality matches on),
-  then `batch_size` anchors are sampled with at most `int(batch_size * positive_fraction)`
-  positives. As in torchvision, anchors crossing the image border are kept; `anchor_valid` only
-  lets the caller drop anchors (e.g. ones centred in the padding). jit/vmap-safe: vmap over images
-  with `in_axes=(0, None, None or 0, 0, 0, 0)`.
-
-  Args:
-    key: PRNG key for the sampler (one per image).
-    anchors: float32 `[A, 4]` xyxy, padded-input pixels (all levels concatenated).
-    anchor_valid: bool `[A]`.
-    gt_boxes: float32 `[M, 4]` xyxy; gt_valid, gt_crowd: bool `[M]`.
-    fg_thresh, bg_thresh, allow_low_quality: matcher settings (config `model.rpn.fg_iou_thresh`,
-      `bg_iou_thresh`, `allow_low_quality_matches`).
-    batch_size, positive_fraction: static sampler settings (`model.rpn.batch_size_per_image`,
-      `positive_fraction`).
-    weights: box-coder weights (`model.rpn.bbox_reg_weights`).
-    ignore_crowd, crowd_ioa_thresh: `model.roi.ignore_crowd`, `model.roi.crowd_ioa_thresh`.
-
-  Returns:
-    dict of per-anchor arrays (all gradient-stopped):
-      objectness: float32 `[A]` BCE target, 1 for sampled positives, else 0.
-      sampled: bool `[A]` anchors that take part in the objectness loss (the BCE weight).
-      positive: bool `[A]` sampled positives (the box-loss mask).
-      box_targets: float32 `[A, 4]` encoded deltas of the matched gt; 0 where not `positive`.
-      matched_gt: int32 `[A]`; labels: int32 `[A]` MatchLabel before sampling.
-  """
-  # Imported here because sampling.py imports this module.
-  from maskrcnn_jax.ops import sampling  # pylint: disable=g-import-not-at-top
-
-  anchors = jnp.asarray(anchors, jnp.float32)
-  num_anchors = anchors.shape[0]
-  anchor_valid = jnp.broadcast_to(jnp.asarray(anchor_valid, bool), (num_anchors,))
-  gt_valid = jnp.asarray(gt_valid, bool)
-  matched_gt, labels = match_boxes(
-      gt_boxes, gt_valid, gt_crowd, anchors, anchor_valid, fg_thresh=fg_thresh,
-      bg_thresh=bg_thresh, allow_low_quality=allow_low_quality,
-      ignore_crowd=ignore_crowd, crowd_ioa_thresh=crowd_ioa_thresh)
-  indices, is_positive, valid = sampling.sample_balanced(key, labels, anchor_valid, batch_size,
-                                                         positive_fraction)
-  sampled = scatter_mask(indices, valid, num_anchors)
-  positive = scatter_mask(indices, valid & is_positive, num_anchors)
-
-  safe_gt = sanitize_boxes(gt_boxes, gt_valid)[matched_gt]
-  safe_anchors = sanitize_boxes(anchors, anchor_valid)
-  box_targets = box_ops.encode(safe_gt, safe_anchors, weights)
-  box_targets = jnp.where(positive[:, None], box_targets, 0.0)
-  out = {
-      'objectness': positive.astype(jnp.float32),
-      'sampled': sampled,
-      'positive': positive,
-      'box_targets': box_targets,
-      'matched_gt': matched_gt,
-      'labels': labels,
-  }
-  return jax.tree_util.tree_map(jax.lax.stop_gradient, out)

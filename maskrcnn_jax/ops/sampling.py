@@ -84,6 +84,78 @@ def sample_balanced(key: jax.Array, labels: jnp.ndarray, candidate_valid: Option
   return (jnp.where(valid, indices[order], 0), is_positive[order] & valid, valid)
 
 
+def rpn_targets(key: jax.Array,
+                anchors: jnp.ndarray,
+                anchor_valid: jnp.ndarray,
+                gt_boxes: jnp.ndarray,
+                gt_valid: jnp.ndarray,
+                gt_crowd: jnp.ndarray,
+                *,
+                fg_thresh: float = 0.7,
+                bg_thresh: float = 0.3,
+                allow_low_quality: bool = True,
+                batch_size: int = 256,
+                positive_fraction: float = 0.5,
+                weights: Sequence[float] = box_ops.RPN_BOX_WEIGHTS,
+                ignore_crowd: bool = True,
+                crowd_ioa_thresh: float = matching.CROWD_IOA_THRESH) -> dict:
+  """RPN training targets for one image (torchvision RPN `assign_targets_to_anchors`, then its
+  `fg_bg_sampler`).
+
+  Anchors are matched with the RPN thresholds (torchvision: 0.7 / 0.3, low-quality matches on),
+  then `batch_size` anchors are sampled with at most `int(batch_size * positive_fraction)`
+  positives. As in torchvision, anchors crossing the image border are kept; `anchor_valid` only
+  lets the caller drop anchors (e.g. ones centred in the padding). jit/vmap-safe: vmap over images
+  with `in_axes=(0, None, None or 0, 0, 0, 0)`.
+
+  Args:
+    key: PRNG key for the sampler (one per image).
+    anchors: float32 `[A, 4]` xyxy, padded-input pixels (all levels concatenated).
+    anchor_valid: bool `[A]`.
+    gt_boxes: float32 `[M, 4]` xyxy; gt_valid, gt_crowd: bool `[M]`.
+    fg_thresh, bg_thresh, allow_low_quality: matcher settings (config `model.rpn.fg_iou_thresh`,
+      `bg_iou_thresh`, `allow_low_quality_matches`).
+    batch_size, positive_fraction: static sampler settings (`model.rpn.batch_size_per_image`,
+      `positive_fraction`).
+    weights: box-coder weights (`model.rpn.bbox_reg_weights`).
+    ignore_crowd, crowd_ioa_thresh: `model.roi.ignore_crowd`, `model.roi.crowd_ioa_thresh`.
+
+  Returns:
+    dict of per-anchor arrays (all gradient-stopped):
+      objectness: float32 `[A]` BCE target, 1 for sampled positives, else 0.
+      sampled: bool `[A]` anchors that take part in the objectness loss (the BCE weight).
+      positive: bool `[A]` sampled positives (the box-loss mask).
+      box_targets: float32 `[A, 4]` encoded deltas of the matched gt; 0 where not `positive`.
+      matched_gt: int32 `[A]`; labels: int32 `[A]` matching.MatchLabel before sampling.
+  """
+  anchors = jnp.asarray(anchors, jnp.float32)
+  num_anchors = anchors.shape[0]
+  anchor_valid = jnp.broadcast_to(jnp.asarray(anchor_valid, bool), (num_anchors,))
+  gt_valid = jnp.asarray(gt_valid, bool)
+  matched_gt, labels = matching.match_boxes(
+      gt_boxes, gt_valid, gt_crowd, anchors, anchor_valid, fg_thresh=fg_thresh,
+      bg_thresh=bg_thresh, allow_low_quality=allow_low_quality,
+      ignore_crowd=ignore_crowd, crowd_ioa_thresh=crowd_ioa_thresh)
+  indices, is_positive, valid = sample_balanced(key, labels, anchor_valid, batch_size,
+                                                         positive_fraction)
+  sampled = matching.scatter_mask(indices, valid, num_anchors)
+  positive = matching.scatter_mask(indices, valid & is_positive, num_anchors)
+
+  safe_gt = matching.sanitize_boxes(gt_boxes, gt_valid)[matched_gt]
+  safe_anchors = matching.sanitize_boxes(anchors, anchor_valid)
+  box_targets = box_ops.encode(safe_gt, safe_anchors, weights)
+  box_targets = jnp.where(positive[:, None], box_targets, 0.0)
+  out = {
+      'objectness': positive.astype(jnp.float32),
+      'sampled': sampled,
+      'positive': positive,
+      'box_targets': box_targets,
+      'matched_gt': matched_gt,
+      'labels': labels,
+  }
+  return jax.tree_util.tree_map(jax.lax.stop_gradient, out)
+
+
 def roi_targets(key: jax.Array,
                 proposals: jnp.ndarray,
                 proposal_valid: jnp.ndarray,

@@ -10,6 +10,7 @@ import pytest
 
 from maskrcnn_jax.ops import boxes as box_ops
 from maskrcnn_jax.ops import matching
+from maskrcnn_jax.ops import sampling
 from maskrcnn_jax.ops.matching import MatchLabel
 
 POS, NEG, IGN = int(MatchLabel.POSITIVE), int(MatchLabel.NEGATIVE), int(MatchLabel.IGNORE)
@@ -249,7 +250,7 @@ def _rpn_inputs(seed=0, num_anchors=300, num_gt=5):
 
 RPN_KW = dict(fg_thresh=0.7, bg_thresh=0.3, allow_low_quality=True, batch_size=64,
               positive_fraction=0.5)
-rpn_targets = jax.jit(functools.partial(matching.rpn_targets, **RPN_KW))
+rpn_targets = jax.jit(functools.partial(sampling.rpn_targets, **RPN_KW))
 
 
 def test_rpn_targets_properties_and_box_targets_decode_to_gt():
@@ -293,7 +294,7 @@ def test_rpn_targets_without_gt_and_vmapped_batch():
   valids = np.stack([gt_valid, np.zeros_like(gt_valid)])
   crowds = np.zeros_like(valids)
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
-  fn = jax.jit(jax.vmap(functools.partial(matching.rpn_targets, **RPN_KW),
+  fn = jax.jit(jax.vmap(functools.partial(sampling.rpn_targets, **RPN_KW),
                         in_axes=(0, None, None, 0, 0, 0)))
   t = fn(keys, anchors, np.ones(len(anchors), bool), gts, valids, crowds)
   t = jax.tree_util.tree_map(np.asarray, t)
