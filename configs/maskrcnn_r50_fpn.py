@@ -119,7 +119,7 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
-  d.source = 'shapes'  # 'shapes' | 'coco' | 'tfds'
+  d.source = 'shapes'  # 'shapes' | 'coco' (TFDS records: data.tfds_builder.records_from_tfds)
   # 'contiguous': labels 1..K in ascending category id; 'category_id': the raw COCO id is the
   # label (torchvision's 91-class space, for converted torchvision weights).
   d.label_space = 'category_id'  # num_classes = 91 is torchvision's COCO label space
@@ -128,8 +128,6 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   d.train_json = ''
   d.val_images = ''
   d.val_json = ''
-  d.tfds_name = 'coco_instances'
-  d.tfds_dir = ''
   d.shapes_num_train = 1000
   d.shapes_num_val = 100
   d.shapes_size = 256

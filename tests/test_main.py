@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from synthetic import REPO
 
 
 def _cli(*args, timeout=900):

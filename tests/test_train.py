@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ListIterator, synthetic_batch
+from synthetic import ListIterator, synthetic_batch
 from maskrcnn_jax import checkpoint as ckpt
 from maskrcnn_jax import train
 from maskrcnn_jax.modeling import mask_rcnn
@@ -182,7 +182,7 @@ def test_finetune_from_converted_model_with_other_class_count(tmp_path):
   class-specific layers re-initialise and training continues from the loaded backbone."""
   from configs import torchvision_maskrcnn_r50_fpn
   from maskrcnn_jax import weights
-  from conftest import REPO
+  from synthetic import REPO
   golden_pth = REPO / 'tests' / 'weights' / 'golden' / 'tv_tiny_maskrcnn.pth'
   config = torchvision_maskrcnn_r50_fpn.get_config('tiny')
   config.model.num_classes = 3
