@@ -291,6 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ---- input
   meta = {'model_config': ckpt.model_config_json(config), 'source': 'train'}
   host_batch_size = per_host_batch_size(config)  # checks the batch divides over the devices
+  owns_iterator = train_iter is None
   if train_iter is None:
     from maskrcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     train_iter = pipeline.make_train_iterator(config, per_host_batch_size=host_batch_size)
@@ -361,6 +362,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       manager.wait_until_finished()
       manager.close()
       progress.close()
+      if owns_iterator and hasattr(train_iter, 'close'):
+        train_iter.close()  # stops prefetch threads and worker processes
       if writer is not None:
         writer.flush()
   last_metrics['step'] = int(state.step)
