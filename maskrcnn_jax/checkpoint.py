@@ -61,7 +61,7 @@ def save_variables(directory: str, variables: Any, meta: dict, step: int = 0) ->
   with make_manager(directory, async_save=False) as manager:
     manager.save(step, args=ocp.args.Composite(**{
         VARIABLES: ocp.args.StandardSave(variables),
-        META: ocp.args.JsonSave(_jsonable(meta)),
+        META: ocp.args.JsonSave(jsonable(meta)),
     }))
     manager.wait_until_finished()
 
@@ -147,11 +147,12 @@ def _open_for_restore(directory: str, step: Optional[int]):
   return step, manager
 
 
-def _jsonable(x):
+def jsonable(x):
+  """`x` with numpy/jax scalars and arrays turned into JSON types and dict keys into str."""
   if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, (np.integer,)):
     return int(x)
   if isinstance(x, (np.floating,)):
@@ -160,6 +161,3 @@ def _jsonable(x):
     return np.asarray(x).tolist()
   return x
 
-
-def jsonable(x):
-  return _jsonable(x)

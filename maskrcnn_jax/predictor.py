@@ -102,7 +102,12 @@ class Predictor:
         for slot, idx in enumerate(chunk):
           batch[slot] = prepared[idx][0]
           sizes[slot] = prepared[idx][1]
-        det = self.detect(batch, sizes)
+        det = self._detect(self.variables, batch, sizes)
+        # Masks stay on device for pasting; the small per-detection arrays come to the host.
+        masks = det.pop('masks', None)
+        det = jax.device_get(det)
+        if masks is not None:
+          det['masks'] = masks
         for slot, idx in enumerate(chunk):
           results[idx] = self._finish(det, slot, images[idx].shape[:2], prepared[idx][1])
     return results[0] if single else results
@@ -120,7 +125,7 @@ class Predictor:
       h, w = (int(s) for s in original_hw)
       m = self.canvas_multiple
       canvas = (math.ceil(h / m) * m, math.ceil(w / m) * m)
-      masks = self._paste(jnp.asarray(det['masks'][slot]), jnp.asarray(boxes), *canvas)
+      masks = self._paste(det['masks'][slot], jnp.asarray(boxes), *canvas)
       out['masks'] = np.asarray(masks)[valid, :h, :w]
     return out
 

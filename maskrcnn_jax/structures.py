@@ -85,10 +85,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = m[group][key]
     if not 0.0 <= value <= 1.0:
       _fail(f'model.{name}', value, 'must be in [0, 1]')
-  for name in ('box_loss',):
-    for group in ('rpn', 'roi'):
-      if m[group][name] not in ('smooth_l1', 'l1'):
-        _fail(f'model.{group}.{name}', m[group][name], "expected 'smooth_l1' or 'l1'")
+  for group in ('rpn', 'roi'):
+    if m[group].box_loss not in ('smooth_l1', 'l1'):
+      _fail(f'model.{group}.box_loss', m[group].box_loss, "expected 'smooth_l1' or 'l1'")
   _validate_input(config.input)
 
 

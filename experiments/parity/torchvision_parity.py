@@ -41,11 +41,10 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import torchvision_maskrcnn_r50_fpn
+from maskrcnn_jax import predictor as predictor_lib
 from maskrcnn_jax import weights
 from maskrcnn_jax.modeling import mask_rcnn
 from maskrcnn_jax.modeling import resnet as resnet_lib
-from maskrcnn_jax.modeling import rpn as rpn_lib
-from maskrcnn_jax.ops import anchors as anchors_lib
 
 LOGIT_STD = 2.0
 MATCH_IOU = 0.99
@@ -184,20 +183,11 @@ class Report:
 # ------------------------------------------------------------------------------ our side
 
 
-def our_config(padded_hw, grid_strides: bool):
+def our_config(padded_hw):
+  """The torchvision preset (grid-derived anchor strides included) at torchvision's padding."""
   c = torchvision_maskrcnn_r50_fpn.get_config()
   c.input.buckets = (tuple(padded_hw),)
-  c.model.anchors.stride_from_grid = grid_strides
   return c
-
-
-def model_honours_grid_strides(config, hw) -> bool:
-  a = config.model.anchors
-  ref = anchors_lib.generate_anchors(hw, rpn_lib.level_strides(config), a.sizes,
-                                     a.aspect_ratios, offset=a.offset, round_base=a.round_base,
-                                     stride_from_grid=True)
-  ours = rpn_lib.anchors_for(config, hw)
-  return all(np.array_equal(x, y) for x, y in zip(ref, ours))
 
 
 def _body(config, variables, images):
@@ -206,16 +196,14 @@ def _body(config, variables, images):
   return resnet_lib.ResNet.from_config(config).apply(sub, images)
 
 
-def _run_steps(module, images, image_size):
-  feats = module.backbone(images)
-  objectness, deltas = module.rpn(feats)
-  anchors = rpn_lib.anchors_for(module.config, images.shape[1:3])
-  proposals, _, valid = rpn_lib.proposals_from_config(module.config, objectness, deltas, anchors,
-                                                      image_size, train=False)
-  return feats, proposals, valid, module.detect(feats, proposals, valid, image_size)
+def _run_steps(model, variables, images, image_size):
+  """Features, proposals and detections: `MaskRCNN.__call__` with its sown intermediates."""
+  det, state = model.apply(variables, images, image_size, mutable=['intermediates'])
+  inter = state['intermediates']
+  return inter['features'], inter['proposals'], inter['proposal_valid'], det
 
 
-def model_level(report, tv_model, variables, name, img, patch_grid):
+def model_level(report, tv_model, variables, name, img):
   """Both models on torchvision's preprocessed tensor."""
   with torch.no_grad():
     il, _ = tv_model.transform([to_torch(img)])
@@ -226,34 +214,22 @@ def model_level(report, tv_model, variables, name, img, patch_grid):
     dets, _ = tv_model.roi_heads(feats, proposals, il.image_sizes)
     tv_time = time.time() - t0
   padded = tuple(il.tensors.shape[-2:])
-  config = our_config(padded, grid_strides=True)
-  honoured = model_honours_grid_strides(config, padded)
-  original_anchors = rpn_lib.anchors_for
-  if not honoured and patch_grid:
-    a = config.model.anchors
-    rpn_lib.anchors_for = lambda cfg, hw: anchors_lib.generate_anchors(
-        tuple(int(s) for s in hw), rpn_lib.level_strides(cfg), a.sizes, a.aspect_ratios,
-        offset=float(a.offset), round_base=bool(a.round_base), stride_from_grid=True)
-  try:
-    model = mask_rcnn.build_model(config)
-    run = jax.jit(lambda v, x, s: model.apply(v, x, s, method=_run_steps))
-    # (p/255 - mean/255) / (std/255) is our (p - mean) / std: the same normalised numbers.
-    x = jnp.asarray(il.tensors.permute(0, 2, 3, 1).numpy())
-    size = jnp.asarray(np.array(il.image_sizes, np.int32))
-    t0 = time.time()
-    out = jax.device_get(run(variables, x, size))
-    first = time.time() - t0
-    t0 = time.time()
-    out = jax.device_get(run(variables, x, size))
-    ours_time = time.time() - t0
-    our_body = jax.device_get(jax.jit(lambda v, x: _body(config, v, x))(variables, x))
-  finally:
-    rpn_lib.anchors_for = original_anchors
+  config = our_config(padded)
+  model = mask_rcnn.build_model(config)
+  run = jax.jit(lambda v, x, s: _run_steps(model, v, x, s))
+  # (p/255 - mean/255) / (std/255) is our (p - mean) / std: the same normalised numbers.
+  x = jnp.asarray(il.tensors.permute(0, 2, 3, 1).numpy())
+  size = jnp.asarray(np.array(il.image_sizes, np.int32))
+  t0 = time.time()
+  out = jax.device_get(run(variables, x, size))
+  first = time.time() - t0
+  t0 = time.time()
+  out = jax.device_get(run(variables, x, size))
+  ours_time = time.time() - t0
+  our_body = jax.device_get(jax.jit(lambda v, x: _body(config, v, x))(variables, x))
   our_feats, our_props, our_valid, det = out
-  tag = '' if honoured else (' [P6 grid strides patched in this script]' if patch_grid else
-                             ' [model ignores anchors.stride_from_grid: nominal P6 stride]')
   report(f'  model level, padded {padded[0]}x{padded[1]}, content {tuple(il.image_sizes[0])}'
-         f'{tag}  (torchvision {tv_time:.1f}s; ours {ours_time:.1f}s after a {first:.0f}s '
+         f'  (torchvision {tv_time:.1f}s; ours {ours_time:.1f}s after a {first:.0f}s '
          'compile)')
   for level, f in enumerate(body):
     ref = f.permute(0, 2, 3, 1).numpy()
@@ -285,23 +261,16 @@ def model_level(report, tv_model, variables, name, img, patch_grid):
            f'diff| {np.abs(ref_b[i] - boxes[j]).max():.2e} px; 28x28 mask probs max |diff| '
            f'{np.abs(ref_m[i] - masks[j]).max():.2e}; mean 28x28 mask IoU '
            f'{np.mean([mask_iou(ref_m[a] > 0.5, masks[b] > 0.5) for a, b in pairs]):.4f}')
-  return honoured
 
 
 def pipeline_level(report, tv_model, variables, name, img):
   """uint8 image through Predictor vs torchvision's model(images) in the original frame."""
-  try:
-    from maskrcnn_jax import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    report(f'  pipeline level: skipped (no maskrcnn_jax.predictor: {e})')
-    return None
   with torch.no_grad():
     il, _ = tv_model.transform([to_torch(img)])
     ref = tv_model([to_torch(img)])[0]
   padded = tuple(il.tensors.shape[-2:])
-  config = our_config(padded, grid_strides=True)
-  pred = predictor_lib.Predictor(config, variables)
-  out = pred(img) if callable(pred) else pred.predict(img)
+  pred = predictor_lib.Predictor(our_config(padded), variables)
+  out = pred(img)
   ref_b, ref_s, ref_l = ref['boxes'].numpy(), ref['scores'].numpy(), ref['labels'].numpy()
   ref_m = ref['masks'][:, 0].numpy() > 0.5
   boxes, scores, labels = (np.asarray(out[k]) for k in ('boxes', 'scores', 'labels'))
@@ -341,8 +310,7 @@ def main(argv=None) -> int:
          f'{jax.devices()[0].platform}), configs/torchvision_maskrcnn_r50_fpn.py')
   for name, img in images:
     report(f'\n{name}')
-    if not model_level(report, tv_model, variables, name, img, patch_grid=False):
-      model_level(report, tv_model, variables, name, img, patch_grid=True)
+    model_level(report, tv_model, variables, name, img)
     if not args.no_pipeline:
       pipeline_level(report, tv_model, variables, name, img)
   with open(args.out, 'w') as f:

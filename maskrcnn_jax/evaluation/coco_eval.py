@@ -337,15 +337,14 @@ def evaluate(predictor: Predictor, records: Iterable[Any], gt_json: Union[str, o
 def _label_map_from_meta(meta: Mapping[str, Any]):
   """The stored label map of a checkpoint as a `data.coco.LabelMap`, or None."""
   from maskrcnn_jax.data import coco  # pylint: disable=g-import-not-at-top
-  l2c = meta.get('label_to_category_id') or {}
+  l2c = as_label_to_category_id(meta.get('label_to_category_id') or {})  # JSON keys are str
   if not l2c:
     return None
-  labels = sorted(int(k) for k in l2c)
-  names = list(meta.get('class_names') or [str(l2c[str(k)] if str(k) in l2c else l2c[k])
-                                            for k in labels])
-  cats = tuple(int(l2c[str(k)] if str(k) in l2c else l2c[k]) for k in labels)
+  labels = sorted(l2c)
   if labels != list(range(1, len(labels) + 1)):
     raise ValueError(f'checkpoint label map has non-contiguous labels {labels}')
+  cats = tuple(l2c[k] for k in labels)
+  names = list(meta.get('class_names') or [str(c) for c in cats])
   return coco.LabelMap(cats, tuple(names[:len(cats)]))
 
 

@@ -5,6 +5,8 @@ model's FPN features, RPN proposals and final detections (boxes, scores, labels,
 a two-image padded batch are compared with what torchvision computed (make_golden.py).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,6 @@ import pytest
 
 from maskrcnn_jax import weights
 from maskrcnn_jax.modeling import mask_rcnn
-from maskrcnn_jax.modeling import rpn as rpn_lib
 
 from tests.weights.golden_files import GOLDEN_NPZ
 
@@ -29,14 +30,11 @@ def test_tiny_config_still_has_the_golden_models_sizes(tv_tiny_config):
   assert (m.roi.aligned, m.roi.sampling_ratio, m.anchors.round_base) == (False, 2, True)
 
 
-def _run(module, images, image_size):
-  """Features, proposals and detections of `MaskRCNN` (the steps of its `__call__`)."""
-  feats = module.backbone(images)
-  objectness, deltas = module.rpn(feats)
-  anchors = rpn_lib.anchors_for(module.config, images.shape[1:3])
-  proposals, _, valid = rpn_lib.proposals_from_config(module.config, objectness, deltas, anchors,
-                                                      image_size, train=False)
-  return feats, proposals, valid, module.detect(feats, proposals, valid, image_size)
+def _run(model, variables, images, image_size):
+  """Features, proposals and detections: `MaskRCNN.__call__` with its sown intermediates."""
+  det, state = model.apply(variables, images, image_size, mutable=['intermediates'])
+  inter = state['intermediates']
+  return inter['features'], inter['proposals'], inter['proposal_valid'], det
 
 
 @pytest.fixture(scope='module')
@@ -44,7 +42,7 @@ def outputs(_tv_state_dict, tv_tiny_config):
   golden = dict(np.load(GOLDEN_NPZ))
   variables = weights.from_torchvision(_tv_state_dict, tv_tiny_config)
   model = mask_rcnn.build_model(tv_tiny_config)
-  run = jax.jit(lambda v, x, s: model.apply(v, x, s, method=_run))
+  run = jax.jit(functools.partial(_run, model))
   out = run(variables, jnp.asarray(golden['images'], jnp.float32),
             jnp.asarray(golden['image_size']))
   return golden, jax.device_get(out)
