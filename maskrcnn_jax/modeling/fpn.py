@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from maskrcnn_jax.ops import conv
+
 # torchvision FeaturePyramidNetwork: kaiming_uniform_(a=1) weights, zero bias.
 fpn_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
 
@@ -40,7 +42,8 @@ class FPN(nn.Module):
     pad = kernel // 2
     return nn.Conv(self.channels, (kernel, kernel), padding=((pad, pad), (pad, pad)),
                    dtype=self.dtype, param_dtype=jnp.float32, kernel_init=fpn_init,
-                   bias_init=nn.initializers.zeros, name=name)
+                   bias_init=nn.initializers.zeros, name=name,
+                   conv_general_dilated=conv.conv_general_dilated)
 
   @nn.compact
   def __call__(self, feats: Sequence[jnp.ndarray]) -> list[jnp.ndarray]:

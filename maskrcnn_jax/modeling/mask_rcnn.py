@@ -220,15 +220,16 @@ class MaskRCNN(nn.Module):
       labels = roi_t['labels'][:, :num_fg_slots]
       matched = roi_t['matched_gt'][:, :num_fg_slots]
       x = roi_lib.roi_features(cfg, feats, mask_rois, int(m.roi.mask_output_size))
-      logits = self.roi_heads.mask(x.reshape((-1,) + x.shape[2:]))
+      # Only each RoI's ground-truth class channel: [B * num_fg_slots, 28, 28].
+      logits = self.roi_heads.mask(x.reshape((-1,) + x.shape[2:]), labels.reshape(-1))
       logits = logits.reshape((num_images, num_fg_slots) + logits.shape[1:])
       targets = jax.vmap(functools.partial(
           sampling.mask_targets, resolution=int(m.mask_head.resolution),
           aligned=bool(m.roi.aligned)))(batch['gt_masks'], gt_boxes, mask_rois, matched,
                                         roi_valid=fg)
       mask_norm = jnp.mean(jnp.sum(fg, axis=1).astype(jnp.float32))
-      mask_l = jax.vmap(functools.partial(
-          loss_ops.mask_loss, class_axis=-1, normalizer=mask_norm))(logits, labels, targets, fg)
+      mask_l = jax.vmap(functools.partial(loss_ops.mask_loss, normalizer=mask_norm))(
+          logits, labels, targets, fg)
       metrics['loss_mask'] = jnp.mean(mask_l['loss_mask'])
 
     total = sum(metrics.values())

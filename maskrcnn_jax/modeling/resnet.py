@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from maskrcnn_jax.ops import conv
+
 # Blocks per stage (res2..res5) and block type, torchvision resnet18/34/50/101.
 STAGE_BLOCKS = {
     18: ('basic', (2, 2, 2, 2)),
@@ -78,7 +80,8 @@ def _conv(features: int, kernel: int, stride: int, norm: str, dtype: Any, name: 
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=(norm == 'none'), dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=conv_init, name=name)
+                 param_dtype=jnp.float32, kernel_init=conv_init, name=name,
+                 conv_general_dilated=conv.conv_general_dilated)
 
 
 class Downsample(nn.Module):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from maskrcnn_jax.modeling import resnet
+from maskrcnn_jax.ops import conv
 from maskrcnn_jax.ops import roi_align as roi_ops
 
 
@@ -90,7 +91,8 @@ class MaskRCNNHeads(nn.Module):
     for i in range(self.num_convs):
       x = nn.relu(nn.Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                           param_dtype=jnp.float32, kernel_init=mask_init,
-                          name=f'mask_fcn{i + 1}')(x))
+                          name=f'mask_fcn{i + 1}',
+                          conv_general_dilated=conv.conv_general_dilated)(x))
     return x
 
 
@@ -119,9 +121,35 @@ class BlockConvTranspose(nn.Module):
     return y.reshape(n, h * k, w * k, self.features) + bias.astype(self.dtype)
 
 
+class ClassLogits(nn.Module):
+  """1x1 conv to per-class logits with `nn.Conv`'s parameters (`kernel [1, 1, C, K]`, `bias [K]`).
+
+  `__call__(x)` gives all K channels `[N, H, W, K]`. `__call__(x, labels)` gives only channel
+  `labels[n]` of RoI n, `[N, H, W]`: the mask loss reads one class per RoI (torchvision indexes
+  `mask_logits[arange(N), labels]`), so computing the other K-1 channels and their gradients is
+  wasted work (91x the matmul for COCO; 0.4 s of a 128-RoI CPU step). Values are identical.
+  """
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, labels=None):
+    kernel = self.param('kernel', mask_init, (1, 1, x.shape[-1], self.num_classes), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.num_classes,), jnp.float32)
+    x = x.astype(self.dtype)
+    if labels is None:
+      y = jnp.einsum('nhwc,ck->nhwk', x, kernel[0, 0].astype(self.dtype)) + bias.astype(self.dtype)
+      return y.astype(jnp.float32)
+    labels = jnp.clip(labels, 0, self.num_classes - 1)  # padded slots may hold any label
+    w = jnp.take(kernel[0, 0].T, labels, axis=0).astype(self.dtype)  # [N, C]
+    y = jnp.einsum('nhwc,nc->nhw', x, w) + jnp.take(bias, labels).astype(self.dtype)[:, None, None]
+    return y.astype(jnp.float32)
+
+
 class MaskRCNNPredictor(nn.Module):
   """2x2 stride-2 transposed conv + ReLU (`conv5_mask`), then 1x1 conv to per-class logits
-  (`mask_fcn_logits`): `[N, S, S, C] -> float32 [N, 2S, 2S, num_classes]`.
+  (`mask_fcn_logits`): `[N, S, S, C] -> float32 [N, 2S, 2S, num_classes]`, or, given int32
+  `labels [N]`, only each RoI's class channel `[N, 2S, 2S]` (see `ClassLogits`).
 
   `conv5_mask`'s kernel `[2, 2, out, in]` is torchvision's `ConvTranspose2d.weight
   [in, out, 2, 2]` transposed by (2, 3, 1, 0) (see `BlockConvTranspose`).
@@ -131,12 +159,10 @@ class MaskRCNNPredictor(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, labels=None):
     x = BlockConvTranspose(self.conv_dim, 2, self.dtype, name='conv5_mask')(x)
     x = nn.relu(x)
-    x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=mask_init, name='mask_fcn_logits')(x)
-    return x.astype(jnp.float32)
+    return ClassLogits(self.num_classes, self.dtype, name='mask_fcn_logits')(x, labels)
 
 
 class RoIHeads(nn.Module):
@@ -160,5 +186,6 @@ class RoIHeads(nn.Module):
   def box(self, x):
     return self.box_predictor(self.box_head(x))
 
-  def mask(self, x):
-    return self.mask_predictor(self.mask_head(x))
+  def mask(self, x, labels=None):
+    """Mask logits: all classes `[N, 28, 28, K]`, or `labels`' channel `[N, 28, 28]` if given."""
+    return self.mask_predictor(self.mask_head(x), labels)

@@ -14,6 +14,7 @@ import numpy as np
 
 from maskrcnn_jax.modeling import resnet
 from maskrcnn_jax.ops import anchors as anchors_lib
+from maskrcnn_jax.ops import conv
 from maskrcnn_jax.ops import boxes as box_ops
 from maskrcnn_jax.ops import nms as nms_ops
 
@@ -57,7 +58,7 @@ class RPNHead(nn.Module):
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=rpn_init,
-              bias_init=nn.initializers.zeros)
+              bias_init=nn.initializers.zeros, conv_general_dilated=conv.conv_general_dilated)
     self.conv = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), **kw)
     self.cls_logits = nn.Conv(self.num_anchors, (1, 1), **kw)
     self.bbox_pred = nn.Conv(4 * self.num_anchors, (1, 1), **kw)
