@@ -39,20 +39,32 @@ def _lax_conv(x, w, strides, padding):
 
 
 def _kernel_grad_matmuls(x, g, kernel_hw, strides, padding):
-  """dL/dw as one matmul per kernel tap: x [N, H, W, Cin], g [N, Ho, Wo, Cout] -> float32 HWIO."""
+  """dL/dw as one matmul per kernel tap: x [N, H, W, Cin], g [N, Ho, Wo, Cout] -> float32 HWIO.
+
+  A loop over the taps holds one shifted view of x at a time (unrolled, XLA keeps all kh * kw
+  copies alive: 4x the memory, and slower). Strided convs first split x into its stride phases
+  `[sy, sx, N, Hp / sy, Wp / sx, Cin]` (one copy), so that every tap is a dense dynamic slice.
+  """
   (kh, kw), (sy, sx) = kernel_hw, strides
-  n, _, _, cin = x.shape
+  n, h, w, cin = x.shape
   _, ho, wo, cout = g.shape
-  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  (pt, pb), (pl, pr) = padding
+  hp = -(-(h + pt + pb) // sy) * sy  # padded extent rounded up to whole phases
+  wp = -(-(w + pl + pr) // sx) * sx
+  xp = jnp.pad(x, ((0, 0), (pt, hp - h - pt), (pl, wp - w - pl), (0, 0)))
+  phases = xp.reshape(n, hp // sy, sy, wp // sx, sx, cin).transpose(2, 4, 0, 1, 3, 5)
   g2 = g.reshape(n * ho * wo, cout)
-  taps = []
-  for i in range(kh):
-    for j in range(kw):
-      xs = lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sy + 1, j + (wo - 1) * sx + 1, cin),
-                     (1, sy, sx, 1))
-      taps.append(lax.dot_general(xs.reshape(n * ho * wo, cin), g2, (((0,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.float32))
-  return jnp.stack(taps).reshape(kh, kw, cin, cout)
+
+  def tap(t, dw):
+    i, j = t // kw, t % kw
+    xs = lax.dynamic_slice(phases, (i % sy, j % sx, 0, i // sy, j // sx, 0),
+                           (1, 1, n, ho, wo, cin))
+    d = lax.dot_general(xs.reshape(n * ho * wo, cin), g2, (((0,), (0,)), ((), ())),
+                        preferred_element_type=jnp.float32)
+    return lax.dynamic_update_slice(dw, d[None], (t, 0, 0))
+
+  dw = lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, cin, cout), jnp.float32))
+  return dw.reshape(kh, kw, cin, cout)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
