@@ -7,6 +7,7 @@ Names mirror torchvision `FeaturePyramidNetwork`: `inner_blocks/{i}` (1x1 latera
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,13 +17,33 @@ from maskrcnn_jax.ops import conv
 fpn_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
 
 
+@jax.custom_vjp
+def _upsample2x(x):
+  """`[B, H, W, C] -> [B, 2H, 2W, C]`, each pixel repeated into a 2x2 block."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _upsample2x_fwd(x):
+  return _upsample2x(x), None
+
+
+def _upsample2x_bwd(_, g):
+  # The sum of each 2x2 block as four strided slices (one elementwise fusion); the transpose of
+  # `repeat` is a reduction over interleaved axes that XLA:CPU runs 3x slower (5.3 ms against
+  # 1.7 ms at P4 -> P3) and that it fuses into neighbouring convolutions' fusions.
+  return (g[:, 0::2, 0::2] + g[:, 0::2, 1::2] + g[:, 1::2, 0::2] + g[:, 1::2, 1::2],)
+
+
+_upsample2x.defvjp(_upsample2x_fwd, _upsample2x_bwd)
+
+
 def resize_nearest(x: jnp.ndarray, out_hw: Sequence[int]) -> jnp.ndarray:
   """Nearest-neighbour resize of `[B, H, W, C]` to `out_hw` with torch `F.interpolate`
   (mode='nearest') indexing: `src = floor(dst * in / out)`. Static shapes only."""
   h, w = x.shape[1:3]
   oh, ow = int(out_hw[0]), int(out_hw[1])
   if (oh, ow) == (2 * h, 2 * w):
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return _upsample2x(x)
   ys = np.minimum(np.floor(np.arange(oh) * (h / oh)).astype(np.int32), h - 1)
   xs = np.minimum(np.floor(np.arange(ow) * (w / ow)).astype(np.int32), w - 1)
   return x[:, ys][:, :, xs]

@@ -28,3 +28,12 @@ def test_levels_and_p6():
   assert [o.shape for o in outs] == [(1, h, w, 8) for h, w in shapes] + [(1, 2, 3, 8)]
   # torchvision LastLevelMaxPool: max_pool2d(kernel 1, stride 2) == subsampling.
   np.testing.assert_array_equal(outs[4], outs[3][:, ::2, ::2])
+
+
+def test_resize_nearest_2x_gradient_is_the_block_sum():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5, 4)), jnp.float32)
+  g = jnp.asarray(np.random.default_rng(1).normal(size=(2, 6, 10, 4)), jnp.float32)
+  y, vjp = jax.vjp(lambda x: fpn.resize_nearest(x, (6, 10)), x)
+  np.testing.assert_array_equal(y, np.repeat(np.repeat(np.asarray(x), 2, 1), 2, 2))
+  expected = np.asarray(g).reshape(2, 3, 2, 5, 2, 4).sum(axis=(2, 4))
+  np.testing.assert_allclose(vjp(g)[0], expected, rtol=1e-6, atol=1e-6)
