@@ -12,6 +12,9 @@ Workloads: RoIAlign 7x7, sampling_ratio 2, legacy (aligned=False), spatial_scale
 backward is the gradient of <out, cotangent> with respect to the features. NMS: 4000 random
 boxes, IoU threshold 0.7, all kept boxes returned (max_output = 4000); and the box-head case
 of 1000 proposals x 90 classes = 90000 class-aware candidates, threshold 0.5, 100 outputs.
+Conv kernel gradients (`ops/conv.py` against XLA's own `lax.conv_general_dilated` gradient and
+torch's `conv2d_weight`): a 3x3 256->256 conv and a 1x1 256->128 conv on a 1 x 200 x 304 x 256
+map (P2 / res2 of an 800 x 1216 input), stride 1.
 """
 
 import argparse
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from maskrcnn_jax.ops import conv as conv_ops  # noqa: E402
 from maskrcnn_jax.ops import nms as nms_ops  # noqa: E402
 from maskrcnn_jax.ops import roi_align as roi_ops  # noqa: E402
 
@@ -146,6 +150,31 @@ def bench_nms(rng, repeats):
   return rows, theirs
 
 
+def bench_conv_grad(rng, repeats):
+  rows, theirs = {}, {}
+  dims = ('NHWC', 'HWIO', 'NHWC')
+  for k, cout in ((3, 256), (1, 128)):
+    pad = k // 2
+    x = rng.standard_normal((1, 200, 304, 256)).astype(np.float32)
+    w = (rng.standard_normal((k, k, 256, cout)) * 0.01).astype(np.float32)
+    g = rng.standard_normal((1, 200, 304, cout)).astype(np.float32)
+    name = f'conv {k}x{k} 256->{cout} kernel gradient, 200x304'
+    for label, conv in (('ours', conv_ops.conv_general_dilated),
+                        ("XLA's", jax.lax.conv_general_dilated)):
+      kernel_grad = jax.jit(lambda x, w, g, conv=conv: jax.vjp(
+          lambda w_: conv(x, w_, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=dims),
+          w)[1](g)[0])
+      rows[f'{name} ({label})'] = _time_jax(kernel_grad, tuple(map(jnp.asarray, (x, w, g))),
+                                            repeats)
+    if torch is not None:
+      tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+      tg = torch.from_numpy(g.transpose(0, 3, 1, 2).copy())
+      shape = (cout, 256, k, k)
+      timing = _time(lambda: torch.nn.grad.conv2d_weight(tx, shape, tg, padding=pad), repeats)
+      theirs[f'{name} (ours)'] = theirs[f"{name} (XLA's)"] = timing
+  return rows, theirs
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=7)
@@ -155,7 +184,7 @@ def main():
         + (f'; torch {torch.__version__}, torchvision {torchvision.__version__} '
            f'({torch.get_num_threads()} threads)' if torch is not None else ''))
   results = []
-  for bench in (bench_roi_align, bench_nms):
+  for bench in (bench_roi_align, bench_nms, bench_conv_grad):
     ours, theirs = bench(rng, args.repeats)
     for name, timings in ours.items():
       results.append((name, timings, theirs.get(name)))

@@ -137,9 +137,10 @@ class ClassLogits(nn.Module):
   """1x1 conv to per-class logits with `nn.Conv`'s parameters (`kernel [1, 1, C, K]`, `bias [K]`).
 
   `__call__(x)` maps `[N, ..., C]` (any spatial layout) to all K channels `[N, ..., K]`.
-  `__call__(x, labels)` gives only channel `labels[n]` of RoI n, `[N, ...]`: the mask loss reads one class per RoI (torchvision indexes
-  `mask_logits[arange(N), labels]`), so computing the other K-1 channels and their gradients is
-  wasted work (91x the matmul for COCO; 0.4 s of a 128-RoI CPU step). Values are identical.
+  `__call__(x, labels)` gives only channel `labels[n]` of RoI n, `[N, ...]`: the mask loss reads
+  one class per RoI (torchvision indexes `mask_logits[arange(N), labels]`), so computing the
+  other K-1 channels and their gradients is wasted work (91x the matmul for COCO; 0.4 s of a
+  128-RoI CPU step). Values are identical.
   """
   num_classes: int
   dtype: Any = jnp.float32

@@ -4,17 +4,18 @@
 `nn.Conv(conv_general_dilated=...)` hook). Its forward pass and its gradient with respect to the
 input are XLA's own. Only the gradient with respect to the kernel changes, and only when
 compiling for the CPU: XLA:CPU lowers that gradient to a "backward-filter" convolution that runs
-4-20x slower than the forward convolution of the same size (a 1x1 conv on a 200x304x256 map:
-204 ms for the kernel gradient against 30 ms for the forward pass; a 3x3 256->256 conv at the
-same size: 1.8 s against 0.24 s; see `experiments/benchmarks/bench_ops.py`). Here it is the
-textbook identity instead,
+4-20x slower than the forward convolution of the same size and 5x slower than torch's (on a
+200x304x256 map, `experiments/benchmarks/bench_ops.py`: a 3x3 256->256 kernel gradient takes
+1.27 s, 0.37 s here, 0.23 s in torch; a 1x1 256->128 one 202 ms, 22 ms here, 38 ms in torch).
+Here it is the textbook identity instead,
 
     dL/dw[i, j] = sum over (n, y, x) of  x_pad[n, s*y + i, s*x + j, :]^T  g[n, y, x, :],
 
-one `[Cin, N*Ho*Wo] x [N*Ho*Wo, Cout]` matmul per kernel tap, which XLA:CPU runs at its matmul
-speed. The rewrite is used where it measured faster: 1x1 kernels of any width, and larger kernels
-whose input and output widths are both at least `TAP_MATMUL_MIN_CHANNELS` (narrow 3x3 convs are
-faster as XLA's own). GPUs and TPUs keep XLA's convolution gradient (`lax.platform_dependent`).
+one `[Cin, N*Ho*Wo] x [N*Ho*Wo, Cout]` matmul per kernel tap (in a loop, see
+`_kernel_grad_matmuls`), which XLA:CPU runs at its matmul speed. The rewrite is used where it
+measured faster: 1x1 kernels of any width, and larger kernels whose input and output widths are
+both at least `TAP_MATMUL_MIN_CHANNELS` (narrow 3x3 convs are faster as XLA's own). GPUs and
+TPUs keep XLA's convolution gradient (`lax.platform_dependent`).
 
 Shapes: `lhs` float [N, H, W, Cin] (NHWC), `rhs` float [kh, kw, Cin, Cout] (HWIO); the result is
 [N, Ho, Wo, Cout]. Other layouts, dilations and grouped convs go to `lax.conv_general_dilated`
