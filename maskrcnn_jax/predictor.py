@@ -40,8 +40,7 @@ class Predictor:
   and when `config.model.mask_on`, `masks` bool `[N, H, W]` at the original resolution
   (probability > `config.model.test.mask_thresh`, torchvision's reference evaluation).
 
-  `trace_count` counts traces of the model (one per bucket used); `paste_trace_count` those of
-  the mask paster (one per canvas size).
+  `trace_count` counts traces of the model (one per bucket used).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, variables: Any, batch_size: int = 1,
@@ -53,7 +52,6 @@ class Predictor:
     self.batch_size = int(batch_size)
     self.canvas_multiple = int(canvas_multiple)
     self.trace_count = 0
-    self.paste_trace_count = 0
     self._detect = jax.jit(self._detect_fn)
     self._paste = jax.jit(self._paste_fn, static_argnums=(2, 3))
 
@@ -63,7 +61,6 @@ class Predictor:
     return self.model.apply(variables, images, image_size)
 
   def _paste_fn(self, masks, boxes, height: int, width: int):
-    self.paste_trace_count += 1
     probs = mask_ops.paste_masks(masks, boxes, height, width)
     return probs > self.config.model.test.mask_thresh
 

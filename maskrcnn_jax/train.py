@@ -292,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   meta = {'model_config': ckpt.model_config_json(config), 'source': 'train'}
   host_batch_size = per_host_batch_size(config)  # checks the batch divides over the devices
   owns_iterator = train_iter is None
-  if train_iter is None:
+  if owns_iterator:
     from maskrcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     train_iter = pipeline.make_train_iterator(config, per_host_batch_size=host_batch_size)
   meta.update(getattr(train_iter, 'meta', {}) or {})

@@ -1,4 +1,6 @@
-"""Synthetic batches and a resumable iterator for training tests (no dataset on disk)."""
+"""Shared test helpers: synthetic batches, a resumable iterator (no dataset on disk), and a
+byte snapshot of a directory tree."""
+import os
 import pathlib
 
 import numpy as np
@@ -58,3 +60,14 @@ class ListIterator:
 
   def set_state(self, state):
     self.index = int(state['index'])
+
+
+def read_tree(root) -> dict:
+  """{relative path: bytes} of every file under `root` (to assert files are or are not touched)."""
+  out = {}
+  for dirpath, _, names in os.walk(root):
+    for name in names:
+      path = os.path.join(dirpath, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out

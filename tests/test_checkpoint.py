@@ -7,6 +7,7 @@ import pytest
 
 from maskrcnn_jax import checkpoint as ckpt
 from maskrcnn_jax.modeling import mask_rcnn
+from synthetic import read_tree
 
 
 def _abstract(config):
@@ -15,16 +16,6 @@ def _abstract(config):
 
 def _zeros(config):
   return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), _abstract(config))
-
-
-def _snapshot(directory):
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, directory)] = f.read()
-  return out
 
 
 def test_round_trip_and_meta(tiny_config, tmp_path):
@@ -43,12 +34,12 @@ def test_round_trip_and_meta(tiny_config, tmp_path):
 def test_config_mismatch_names_the_field_and_leaves_files(tiny_config, tmp_path):
   ckpt.save_variables(str(tmp_path), _zeros(tiny_config),
                       {'model_config': ckpt.model_config_json(tiny_config)})
-  before = _snapshot(tmp_path)
+  before = read_tree(tmp_path)
   other = tiny_config.copy_and_resolve_references()
   other.model.num_classes = 7
   with pytest.raises(ckpt.CheckpointError, match=r'model\.num_classes: checkpoint 5 vs config 7'):
     ckpt.restore_variables(str(tmp_path), _abstract(other), other)
-  assert _snapshot(tmp_path) == before
+  assert read_tree(tmp_path) == before
 
 
 def test_unreadable_checkpoint_is_a_clear_error(tiny_config, tmp_path):
@@ -59,10 +50,10 @@ def test_unreadable_checkpoint_is_a_clear_error(tiny_config, tmp_path):
       for name in files:
         with open(os.path.join(root, name), 'wb') as f:
           f.write(b'not a checkpoint')
-  before = _snapshot(tmp_path)
+  before = read_tree(tmp_path)
   with pytest.raises(ckpt.CheckpointError, match=str(tmp_path)):
     ckpt.restore_variables(str(tmp_path), _abstract(tiny_config), tiny_config)
-  assert _snapshot(tmp_path) == before
+  assert read_tree(tmp_path) == before
   with pytest.raises(ckpt.CheckpointError, match='does not exist'):
     ckpt.restore_variables(str(tmp_path / 'missing'), _abstract(tiny_config))
   empty = tmp_path / 'empty'

@@ -226,11 +226,8 @@ def _per_category_ap(evaluator: COCOeval, coco_gt: COCO, iou_type: str) -> dict[
 def _as_pair(record: Any) -> tuple[int, np.ndarray]:
   """(image_id, uint8 image) from a pair, or from a record dict holding `image` or `file_name`."""
   if isinstance(record, Mapping):
-    if 'image' in record:
-      return int(record['image_id']), np.asarray(record['image'])
     from maskrcnn_jax.data import coco  # pylint: disable=g-import-not-at-top
-    return int(record['image_id']), coco.load_image(record['file_name'],
-                                                    (record['height'], record['width']))
+    return int(record['image_id']), coco.record_image(record)
   image_id, image = record
   return int(image_id), np.asarray(image)
 
@@ -359,10 +356,11 @@ def evaluate_config(config, variables, step: Optional[int], *, workdir: str,
   from maskrcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   label_map = _label_map_from_meta(meta or {})
   dataset = pipeline.load_dataset_records(config, 'val', label_map=label_map)
-  eval_ds = pipeline.make_eval_dataset(config, dataset=dataset)
   batch_size = max(1, int(config.input.batch_size) // jax.process_count())
   predictor = predictor_lib.Predictor(config, variables, batch_size=batch_size)
-  return evaluate(predictor, eval_ds, eval_ds.json_path, eval_ds.label_map,
+  # The records themselves: the Predictor resizes and normalises each image (an EvalDataset
+  # would preprocess it a second time, for nothing).
+  return evaluate(predictor, dataset.records, dataset.json_path, dataset.label_map,
                   os.path.join(workdir, 'eval'), num_pictures=config.run.num_eval_pictures,
                   step=step, summary_writer=summary_writer, batch_size=batch_size)
 

@@ -124,9 +124,10 @@ class MaskRCNN(nn.Module):
     if m.mask_on:
       d = det['boxes'].shape[1]
       x = roi_lib.roi_features(cfg, feats, det['boxes'], int(m.roi.mask_output_size))
-      logits = self.roi_heads.mask(x.reshape((b * d,) + x.shape[2:]))
-      logits = logits.reshape((b, d) + logits.shape[1:])
-      masks = post_lib.select_class_masks(logits, det['labels'])
+      # Only each detection's own class channel (torchvision `maskrcnn_inference` picks it
+      # from all K+1), as probabilities.
+      logits = self.roi_heads.mask(x.reshape((b * d,) + x.shape[2:]), det['labels'].reshape(-1))
+      masks = jax.nn.sigmoid(logits.reshape((b, d) + logits.shape[1:]))
       det['masks'] = jnp.where(det['valid'][:, :, None, None], masks, 0.0)
     return det
 

@@ -51,17 +51,3 @@ def postprocess_detections(class_logits: jnp.ndarray, box_deltas: jnp.ndarray,
       scores=jnp.where(keep_valid, scores[keep], 0.0),
       labels=jnp.where(keep_valid, labels[keep], 0),
       valid=keep_valid)
-
-
-def select_class_masks(mask_logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
-  """Sigmoid probabilities of each detection's own class (torchvision `maskrcnn_inference`).
-
-  Args:
-    mask_logits: float `[..., M, M, K+1]`.
-    labels: int `[...]` class of each detection.
-
-  Returns:
-    float32 `[..., M, M]`.
-  """
-  picked = jnp.take_along_axis(mask_logits, labels[..., None, None, None], axis=-1)[..., 0]
-  return jax.nn.sigmoid(picked.astype(jnp.float32))

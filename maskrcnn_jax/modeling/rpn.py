@@ -14,8 +14,8 @@ import numpy as np
 
 from maskrcnn_jax.modeling import resnet
 from maskrcnn_jax.ops import anchors as anchors_lib
-from maskrcnn_jax.ops import conv
 from maskrcnn_jax.ops import boxes as box_ops
+from maskrcnn_jax.ops import conv
 from maskrcnn_jax.ops import nms as nms_ops
 
 # torchvision RPNHead: normal(std=0.01) weights, zero bias, for all three convs.

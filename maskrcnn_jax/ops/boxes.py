@@ -8,6 +8,7 @@ torchvision and detectron2.
 import math
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 
 # torchvision models/detection/_utils.py: BoxCoder(bbox_xform_clip=math.log(1000.0 / 16)).
@@ -16,6 +17,17 @@ DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 # (10, 10, 5, 5).
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 ROI_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+
+
+def true_divide(a: jnp.ndarray, d) -> jnp.ndarray:
+  """`a / d` with IEEE division also for a constant `d`.
+
+  XLA rewrites division by a constant into multiplication by its reciprocal, which is off by an
+  ulp for many divisors; torchvision divides, and roi_pool's floor/ceil of bin edges, RoIAlign's
+  sample positions and the mask paster's scale must see the same float values.
+  """
+  _, den = jax.lax.optimization_barrier((a, jnp.full(a.shape, d, a.dtype)))
+  return a / den
 
 
 def area(boxes: jnp.ndarray) -> jnp.ndarray:

@@ -11,14 +11,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from maskrcnn_jax.ops import boxes as box_ops
+
 # torchvision paste_masks_in_image(padding=1): one zero pixel around the mask before resizing.
 MASK_PADDING = 1
-
-
-def _true_divide(a, d):
-  """IEEE `a / d` (XLA would turn a constant divisor into an inexact reciprocal multiply)."""
-  _, den = lax.optimization_barrier((a, jnp.broadcast_to(jnp.asarray(d, a.dtype), a.shape)))
-  return a / den
 
 
 def _expanded_int_boxes(boxes: jnp.ndarray, m: int) -> jnp.ndarray:
@@ -44,7 +40,7 @@ def _resize_matrix(lo: jnp.ndarray, hi: jnp.ndarray, in_size: int, out_size: int
   `lo`; rows outside `[lo, hi]` are zero.
   """
   length = jnp.maximum(hi - lo + 1, 1)  # torchvision: max(int(x2 - x1 + 1), 1)
-  ratio = _true_divide(jnp.full(length.shape, in_size, jnp.float32), length.astype(jnp.float32))
+  ratio = box_ops.true_divide(jnp.full(length.shape, in_size, jnp.float32), length.astype(jnp.float32))
   pix = jnp.arange(out_size, dtype=jnp.int32)[None, :]
   dst = (pix - lo[:, None]).astype(jnp.float32)
   src = jnp.maximum(ratio[:, None] * (dst + 0.5) - 0.5, 0.0)

@@ -12,19 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maskrcnn_jax.ops import boxes as box_ops
+
 # torchvision LevelMapper: floor(k0 + log2(sqrt(area) / s0) + eps).
 LEVEL_EPS = 1e-6
-
-
-def _true_divide(a: jnp.ndarray, d) -> jnp.ndarray:
-  """`a / d` with IEEE division also for a constant `d`.
-
-  XLA rewrites division by a constant into multiplication by its reciprocal, which is off by an
-  ulp for many divisors; torchvision divides, and roi_pool's floor/ceil of bin edges (and
-  RoIAlign's sample positions) must see the same float values.
-  """
-  _, den = jax.lax.optimization_barrier((a, jnp.full(a.shape, d, a.dtype)))
-  return a / den
 
 
 def _pair(output_size) -> tuple[int, int]:
@@ -59,11 +50,11 @@ def _axis_samples(lo, hi, scale, size, pooled: int, grid: int, aligned: bool):
   extent = end - start
   if not aligned:
     extent = jnp.maximum(extent, 1.0)  # legacy RoIAlign forces rois to be at least 1x1
-  bin_size = _true_divide(extent, pooled)[:, None, None]
+  bin_size = box_ops.true_divide(extent, pooled)[:, None, None]
   p = jnp.arange(pooled, dtype=jnp.float32)[None, :, None]
   i = jnp.arange(grid, dtype=jnp.float32)[None, None, :] + 0.5
   # Same operation order as torchvision: start + p * bin + (i + .5) * bin / grid.
-  pos = (start[:, None, None] + p * bin_size) + _true_divide(i * bin_size, grid)
+  pos = (start[:, None, None] + p * bin_size) + box_ops.true_divide(i * bin_size, grid)
   size = jnp.asarray(size)
   size_b = size[:, None, None] if size.ndim else size
   size_f = size_b.astype(jnp.float32)
@@ -265,7 +256,7 @@ def _pool_bins(lo, hi, scale, size, pooled: int):
   start = jnp.clip(_round_half_away(lo * scale), -2.0**30, 2.0**30).astype(jnp.int32)
   end = jnp.clip(_round_half_away(hi * scale), -2.0**30, 2.0**30).astype(jnp.int32)
   extent = jnp.maximum(end - start + 1, 1)  # roi_pool counts both end pixels
-  bin_size = _true_divide(extent.astype(jnp.float32), pooled)
+  bin_size = box_ops.true_divide(extent.astype(jnp.float32), pooled)
   p = jnp.arange(pooled, dtype=jnp.float32)[None, :]
   bstart = jnp.floor(p * bin_size[:, None]).astype(jnp.int32)
   bend = jnp.ceil((p + 1.0) * bin_size[:, None]).astype(jnp.int32)
@@ -371,7 +362,7 @@ def assign_levels(boxes: jnp.ndarray, min_level: int, max_level: int, canonical_
   boxes = boxes.astype(jnp.float32)
   area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
   scale = jnp.sqrt(jnp.maximum(area, 0.0))
-  level = jnp.floor(canonical_level + jnp.log2(_true_divide(scale, canonical_scale))
+  level = jnp.floor(canonical_level + jnp.log2(box_ops.true_divide(scale, canonical_scale))
                     + jnp.float32(LEVEL_EPS))
   level = jnp.where(jnp.isnan(level), min_level, level)
   return jnp.clip(level, min_level, max_level).astype(jnp.int32)

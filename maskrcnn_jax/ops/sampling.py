@@ -137,7 +137,7 @@ def rpn_targets(key: jax.Array,
       bg_thresh=bg_thresh, allow_low_quality=allow_low_quality,
       ignore_crowd=ignore_crowd, crowd_ioa_thresh=crowd_ioa_thresh)
   indices, is_positive, valid = sample_balanced(key, labels, anchor_valid, batch_size,
-                                                         positive_fraction)
+                                                positive_fraction)
   sampled = matching.scatter_mask(indices, valid, num_anchors)
   positive = matching.scatter_mask(indices, valid & is_positive, num_anchors)
 

@@ -152,8 +152,7 @@ def load_pretrained_backbone(path: str, params: Any, constants: Any,
       state_dict = torchvision.normalise_state_dict(state_dict)
       rule, ignore = torchvision.backbone_rules(state_dict)
       weights_norm = torchvision.TORCHVISION_INPUT
-  result = core.assign(state_dict, targets, rule, source=desc, ignore=ignore)
-  flat = result.flat
+  flat = core.assign(state_dict, targets, rule, source=desc, ignore=ignore)
   if not weights_norm.close_to(config_norm):
     core.adapt_stem_to_input(flat, BODY, weights_norm, config_norm)
   logging.info('loaded %d backbone tensors from %s', len(flat), path)

@@ -152,20 +152,11 @@ def to_numpy_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Array]:
   return out
 
 
-@dataclasses.dataclass
-class Assignment:
-  """What `assign` produced: our flat variables and the names it used / ignored."""
-  flat: dict[Path, Array]
-  reinitialised: list[Path]
-  filled: list[Path]
-  ignored: list[str]
-
-
 def assign(state_dict: Mapping[str, Array], targets: Mapping[Path, jax.ShapeDtypeStruct],
            name_fn: NameFn, *, source: str, ignore: Callable[[str], bool] = lambda k: False,
            allow_class_mismatch: bool = False, class_count: Optional[int] = None,
            num_classes: Optional[int] = None, init_fn: Optional[Callable[[], Mapping]] = None,
-           ) -> Assignment:
+           ) -> dict[Path, Array]:
   """Builds our variables `targets` from `state_dict` through `name_fn`, strictly.
 
   Args:
@@ -180,7 +171,7 @@ def assign(state_dict: Mapping[str, Array], targets: Mapping[Path, jax.ShapeDtyp
     init_fn: returns our freshly initialised flat variables (called only when needed).
 
   Returns:
-    An `Assignment`; `flat` holds float32 numpy arrays for every path of `targets`.
+    Our flat variables: float32 numpy arrays for every path of `targets`.
 
   Raises:
     WeightsMismatchError: listing every missing source name, unused source name and shape
@@ -213,12 +204,11 @@ def assign(state_dict: Mapping[str, Array], targets: Mapping[Path, jax.ShapeDtyp
   if problems:
     raise WeightsMismatchError(f'{source} does not match the model: ' + '; '.join(problems))
 
-  flat, filled, wrong_shape, class_paths = {}, [], [], []
+  flat, wrong_shape, class_paths = {}, [], []
   for path, target in targets.items():
     rule = rules[path]
     if isinstance(rule, Fill):
       flat[path] = np.full(target.shape, rule.value, np.float32)
-      filled.append(path)
       continue
     value = np.asarray(rule.transform(np.asarray(state_dict[rule.name])), np.float32)
     if is_class_specific(path) and class_mismatch:
@@ -246,7 +236,7 @@ def assign(state_dict: Mapping[str, Array], targets: Mapping[Path, jax.ShapeDtyp
   if ignored:
     logging.info('%s: ignored %d tensors not used by Mask R-CNN: %s', source, len(ignored),
                  ', '.join(ignored))
-  return Assignment(flat=flat, reinitialised=class_paths, filled=filled, ignored=ignored)
+  return flat
 
 
 def rename_keys(state_dict: Mapping[str, Array],

@@ -213,7 +213,7 @@ def from_detectron2(state_dict: Mapping[str, Any], config: ml_collections.Config
   num_classes = int(config.model.num_classes)
   cls = sd.get('roi_heads.box_predictor.cls_score.weight')
   key = jax.random.key(0) if key is None else key
-  result = core.assign(
+  flat = core.assign(
       sd, core.abstract_variables(config), lambda p: rule(p, num_classes), source=source,
       ignore=lambda k: bool(_IGNORED.fullmatch(k)), allow_class_mismatch=allow_class_mismatch,
       class_count=None if cls is None else int(cls.shape[0]), num_classes=num_classes,
@@ -222,7 +222,7 @@ def from_detectron2(state_dict: Mapping[str, Any], config: ml_collections.Config
   if not config.model.backbone.stride_in_1x1:
     logging.warning('%s: detectron2 MSRA ResNets put the stride in the 1x1 conv; '
                     'config.model.backbone.stride_in_1x1 is False', source)
-  return core.unflatten(result.flat)
+  return core.unflatten(flat)
 
 
 def backbone_rules(state_dict: Mapping[str, np.ndarray], config: ml_collections.ConfigDict):

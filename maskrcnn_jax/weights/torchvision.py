@@ -93,14 +93,14 @@ def from_torchvision(state_dict: Mapping[str, Any], config: ml_collections.Confi
   sd = normalise_state_dict(state_dict)
   cls = sd.get('roi_heads.box_predictor.cls_score.weight')
   key = jax.random.key(0) if key is None else key
-  result = core.assign(
+  flat = core.assign(
       sd, core.abstract_variables(config), rule, source=source,
       ignore=lambda k: bool(_IGNORED.fullmatch(k)), allow_class_mismatch=allow_class_mismatch,
       class_count=None if cls is None else int(cls.shape[0]),
       num_classes=int(config.model.num_classes),
       init_fn=lambda: core.init_variables_flat(config, key))
   core.warn_input_norm(source, TORCHVISION_INPUT, config)
-  return core.unflatten(result.flat)
+  return core.unflatten(flat)
 
 
 def backbone_rules(state_dict: Mapping[str, np.ndarray]):

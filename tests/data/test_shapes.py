@@ -7,29 +7,20 @@ from pycocotools.coco import COCO
 
 from maskrcnn_jax.data import coco
 from maskrcnn_jax.data import shapes
-
-
-def _files(root):
-  out = {}
-  for dirpath, _, names in os.walk(root):
-    for n in names:
-      p = os.path.join(dirpath, n)
-      with open(p, 'rb') as f:
-        out[os.path.relpath(p, root)] = f.read()
-  return out
+from synthetic import read_tree
 
 
 def test_same_seed_gives_identical_bytes(tmp_path):
   shapes.write_shapes_dataset(str(tmp_path / 'a'), 4, 2, 48, seed=3)
   shapes.write_shapes_dataset(str(tmp_path / 'b'), 4, 2, 48, seed=3)
   shapes.write_shapes_dataset(str(tmp_path / 'c'), 4, 2, 48, seed=4)
-  a, b, c = (_files(tmp_path / x) for x in 'abc')
+  a, b, c = (read_tree(tmp_path / x) for x in 'abc')
   assert len(a) == 4 + 2 + 3  # PNGs, two JSONs, the meta file
   assert a == b
   assert a['train/000000.png'] != c['train/000000.png']
   # Image i depends on (seed, split, i) only, not on how many images were asked for.
   shapes.write_shapes_dataset(str(tmp_path / 'd'), 2, 1, 48, seed=3)
-  assert _files(tmp_path / 'd')['train/000001.png'] == a['train/000001.png']
+  assert read_tree(tmp_path / 'd')['train/000001.png'] == a['train/000001.png']
 
 
 def test_annotations_are_the_visible_masks(tmp_path):

@@ -8,6 +8,10 @@ given by `jax.eval_shape` instead.
 import jax
 import numpy as np
 
+from tests.ops import test_nms
+
+np_greedy_nms = test_nms.np_greedy_nms  # the one greedy-NMS reference (torchvision semantics)
+
 
 def numpy_variables(shapes, seed: int = 0):
   """Random float32 variables shaped like the `shapes` tree (from `jax.eval_shape(init)`).
@@ -65,29 +69,6 @@ def variables_from_torchvision(state_dict, shapes):
       flat[path] = w
     out[collection] = traverse_util.unflatten_dict(flat)
   return out
-
-
-def np_greedy_nms(boxes, scores, iou_threshold, labels=None):
-  """Reference greedy NMS (torchvision semantics): kept indices by descending score."""
-  order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-  keep = []
-  for i in order:
-    ok = True
-    for j in keep:
-      if labels is not None and labels[i] != labels[j]:
-        continue
-      xx1, yy1 = max(boxes[i][0], boxes[j][0]), max(boxes[i][1], boxes[j][1])
-      xx2, yy2 = min(boxes[i][2], boxes[j][2]), min(boxes[i][3], boxes[j][3])
-      inter = max(xx2 - xx1, 0.0) * max(yy2 - yy1, 0.0)
-      area_i = (boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1])
-      area_j = (boxes[j][2] - boxes[j][0]) * (boxes[j][3] - boxes[j][1])
-      union = area_i + area_j - inter
-      if union > 0 and inter / union > iou_threshold:
-        ok = False
-        break
-    if ok:
-      keep.append(i)
-  return keep
 
 
 def np_decode(deltas, boxes, weights, clamp=np.log(1000.0 / 16)):

@@ -81,13 +81,3 @@ def test_garbage_in_invalid_proposals_changes_nothing():
   for k in ref:
     np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
 
-
-def test_select_class_masks_picks_each_detections_label():
-  logits = np.random.default_rng(0).normal(size=(2, 3, 5, 5, 4)).astype(np.float32)
-  labels = np.array([[1, 3, 0], [2, 2, 1]], np.int32)
-  out = postprocess.select_class_masks(jnp.asarray(logits), jnp.asarray(labels))
-  assert out.shape == (2, 3, 5, 5)
-  for b in range(2):
-    for d in range(3):
-      np.testing.assert_allclose(out[b, d], 1 / (1 + np.exp(-logits[b, d, :, :, labels[b, d]])),
-                                 rtol=1e-6)

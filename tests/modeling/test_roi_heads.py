@@ -39,3 +39,17 @@ def test_head_shapes_and_flatten_order():
   (scores, deltas), _ = jax.eval_shape(
       lambda: predictor.init_with_output(jax.random.key(0), jnp.zeros((7, 8))))
   assert scores.shape == (7, 5) and deltas.shape == (7, 20)
+
+
+def test_class_logits_with_labels_pick_each_rois_channel():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 5, 5, 2, 2, 8)).astype(np.float32))  # blocked layout
+  labels = jnp.array([1, 3, 0], jnp.int32)
+  layer = roi_heads.ClassLogits(4)
+  params = layer.init(jax.random.key(0), x)
+  params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+  every = layer.apply(params, x)
+  picked = layer.apply(params, x, labels)
+  assert every.shape == (3, 5, 5, 2, 2, 4) and picked.shape == (3, 5, 5, 2, 2)
+  for n in range(3):
+    np.testing.assert_allclose(picked[n], every[n, ..., int(labels[n])], rtol=1e-5, atol=1e-5)

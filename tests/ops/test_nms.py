@@ -16,7 +16,7 @@ N = 64
 
 def np_greedy_nms(boxes, scores, thr, labels=None, valid=None):
   """Textbook greedy NMS: descending score, lower index first on ties, suppress IoU > thr."""
-  boxes = boxes.astype(np.float32)
+  boxes = np.asarray(boxes, np.float32)
   idx = [i for i in range(len(scores)) if valid is None or valid[i]]
   order = sorted(idx, key=lambda i: (-scores[i], i))
   keep = []
