@@ -91,6 +91,10 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   m.mask_head.conv_dim = 256
   m.mask_head.num_convs = 4
   m.mask_head.resolution = 28  # 2 x mask_output_size after the deconv
+  # Training runs the mask head only on the chunks of this many foreground slots per image that
+  # hold a real foreground RoI (a runtime-length loop; ops/losses.active_rows_loss), as
+  # torchvision runs it on exactly the foreground RoIs; 0 runs all 128 static slots at once.
+  m.mask_head.loss_chunk = 16
 
   m.test = ml_collections.ConfigDict()
   m.test.score_thresh = 0.05
@@ -186,6 +190,7 @@ def _make_tiny(c: ml_collections.ConfigDict) -> None:
   m.box_head.fc_dim = 32
   m.mask_head.conv_dim = 16
   m.mask_head.num_convs = 2
+  m.mask_head.loss_chunk = 4
   m.test.detections_per_img = 10
   c.input.min_size = 64
   c.input.max_size = 96

@@ -113,7 +113,8 @@ def check_model_config(meta: dict, config, directory: str) -> None:
 
 # Config fields that change variable shapes; others (thresholds, top-k) may differ freely.
 _SHAPE_PREFIXES = ('num_classes', 'mask_on', 'backbone.depth', 'backbone.width', 'fpn.',
-                   'anchors.aspect_ratios', 'box_head.', 'mask_head.', 'roi.box_output_size',
+                   'anchors.aspect_ratios', 'box_head.', 'mask_head.conv_dim',
+                   'mask_head.num_convs', 'mask_head.resolution', 'roi.box_output_size',
                    'roi.mask_output_size')
 
 

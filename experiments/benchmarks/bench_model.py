@@ -45,6 +45,24 @@ def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def _reset_peak_rss() -> bool:
+  """Restarts the kernel's peak-RSS counter (VmHWM) at the current RSS; False where it can't."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return True
+  except OSError:
+    return False
+
+
+def _steady_peak_rss_mb() -> float:
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1]) / 1024.0
+  return float('nan')
+
+
 def _image(seed=0) -> np.ndarray:
   """A natural-ish uint8 image: smooth colour gradients plus a few filled shapes."""
   rng = np.random.default_rng(seed)
@@ -117,6 +135,7 @@ def run_case(case: str, repeats: int) -> dict:
     t0 = time.perf_counter()
     out = pred(image)
     result['first_call_s'] = time.perf_counter() - t0
+    steady = _reset_peak_rss()  # the steps' own peak, without compilation and first call
     times = []
     for _ in range(repeats):
       t0 = time.perf_counter()
@@ -132,6 +151,7 @@ def run_case(case: str, repeats: int) -> dict:
       t0 = time.perf_counter()
       out = model([x])[0]
       result['first_call_s'] = time.perf_counter() - t0
+      steady = _reset_peak_rss()  # the steps' own peak, without compilation and first call
       times = []
       for _ in range(repeats):
         t0 = time.perf_counter()
@@ -160,6 +180,7 @@ def run_case(case: str, repeats: int) -> dict:
     state, metrics = step(state, gbatch)
     jax.block_until_ready(metrics)
     result['first_call_s'] = time.perf_counter() - t0
+    steady = _reset_peak_rss()  # the steps' own peak, without compilation and first call
     times = []
     for _ in range(repeats):
       t0 = time.perf_counter()
@@ -208,6 +229,7 @@ def run_case(case: str, repeats: int) -> dict:
     t0 = time.perf_counter()
     step()
     result['first_call_s'] = time.perf_counter() - t0
+    steady = _reset_peak_rss()  # the steps' own peak, without compilation and first call
     times = []
     for _ in range(repeats):
       t0 = time.perf_counter()
@@ -219,6 +241,8 @@ def run_case(case: str, repeats: int) -> dict:
   result['median_s'] = statistics.median(times)
   result['min_s'] = min(times)
   result['peak_rss_mb'] = _peak_rss_mb()
+  if steady:
+    result['step_peak_rss_mb'] = _steady_peak_rss_mb()
   result.update(_gpu_memory())
   return result
 

@@ -221,17 +221,15 @@ class MaskRCNN(nn.Module):
       labels = roi_t['labels'][:, :num_fg_slots]
       matched = roi_t['matched_gt'][:, :num_fg_slots]
       x = roi_lib.roi_features(cfg, feats, mask_rois, int(m.roi.mask_output_size))
-      # Only each RoI's ground-truth class channel: [B * num_fg_slots, 28, 28].
-      logits = self.roi_heads.mask(x.reshape((-1,) + x.shape[2:]), labels.reshape(-1))
-      logits = logits.reshape((num_images, num_fg_slots) + logits.shape[1:])
       targets = jax.vmap(functools.partial(
           sampling.mask_targets, resolution=int(m.mask_head.resolution),
           aligned=bool(m.roi.aligned)))(batch['gt_masks'], gt_boxes, mask_rois, matched,
                                         roi_valid=fg)
-      mask_norm = jnp.mean(jnp.sum(fg, axis=1).astype(jnp.float32))
-      mask_l = jax.vmap(functools.partial(loss_ops.mask_loss, normalizer=mask_norm))(
-          logits, labels, targets, fg)
-      metrics['loss_mask'] = jnp.mean(mask_l['loss_mask'])
+      # Only each RoI's ground-truth class channel; with loss_chunk only the slots that hold
+      # a foreground RoI. torchvision normalises by the batch's foreground pixel count.
+      bce = self.roi_heads.mask_bce_sum(x, labels, targets, fg, int(m.mask_head.loss_chunk))
+      pixels = jnp.sum(fg).astype(jnp.float32) * targets.shape[-2] * targets.shape[-1]
+      metrics['loss_mask'] = jnp.where(pixels > 0, bce / jnp.maximum(pixels, 1.0), 0.0)
 
     total = sum(metrics.values())
     metrics.update(

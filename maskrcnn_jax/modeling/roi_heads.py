@@ -11,6 +11,7 @@ import ml_collections
 
 from maskrcnn_jax.modeling import resnet
 from maskrcnn_jax.ops import conv
+from maskrcnn_jax.ops import losses as loss_ops
 from maskrcnn_jax.ops import roi_align as roi_ops
 
 
@@ -204,3 +205,41 @@ class RoIHeads(nn.Module):
   def mask(self, x, labels=None):
     """Mask logits: all classes `[N, 28, 28, K]`, or `labels`' channel `[N, 28, 28]` if given."""
     return self.mask_predictor(self.mask_head(x), labels)
+
+  def mask_bce_sum(self, x, labels, targets, foreground, chunk: int):
+    """Sum over the foreground RoIs' pixels of the per-pixel BCE of their class's mask logits.
+
+    Args:
+      x: `[B, S, 14, 14, C]` RoI features of the foreground slots, each image's foreground
+        first (as `sampling.roi_targets` orders them).
+      labels: int32 `[B, S]`; targets: float32 `[B, S, 28, 28]`; foreground: bool `[B, S]`.
+      chunk: 0 runs the head on all `B * S` slots; otherwise only the chunks of `chunk` slots
+        per image that hold a foreground RoI (`losses.active_rows_loss`), which skips the
+        padding slots' convolutions (most of them while the RPN is untrained).
+
+    Returns:
+      float32 scalar (the caller divides by the pixel count); gradients flow to `x` and to the
+      mask head's parameters.
+    """
+    if not chunk:
+      logits = self.mask(x.reshape((-1,) + x.shape[2:]), labels.reshape(-1))
+      return loss_ops.sigmoid_bce(logits, targets.reshape(logits.shape), foreground.reshape(-1))
+    m = self.config.model
+    dtype = resnet.dtype_of(self.config)
+    # Unbound copies of the two modules (parent=None), applied to this module's parameters:
+    # active_rows_loss needs a pure function of explicit parameters.
+    head = MaskRCNNHeads(int(m.mask_head.conv_dim), int(m.mask_head.num_convs), dtype,
+                         parent=None)
+    predictor = MaskRCNNPredictor(int(m.mask_head.conv_dim), int(m.num_classes), dtype,
+                                  parent=None)
+    params = {k: self.variables['params'][k] for k in ('mask_head', 'mask_predictor')}
+
+    def bce_sum(p, xs, aux):
+      h = head.apply({'params': p['mask_head']}, xs.reshape((-1,) + xs.shape[2:]))
+      logits = predictor.apply({'params': p['mask_predictor']}, h, aux['labels'].reshape(-1))
+      return loss_ops.sigmoid_bce(logits, aux['targets'].reshape(logits.shape),
+                                  aux['foreground'].reshape(-1))
+
+    aux = {'labels': labels, 'targets': targets, 'foreground': foreground}
+    return loss_ops.active_rows_loss(bce_sum, params, x, aux,
+                                     jnp.sum(foreground, axis=1, dtype=jnp.int32), chunk)

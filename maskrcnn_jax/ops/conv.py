@@ -1,21 +1,27 @@
-"""2-D convolution whose kernel gradient is a sum of matmuls on the CPU backend.
+"""2-D convolution whose gradients (and 1x1 forward) are matmuls where XLA:CPU's convs are slow.
 
 `conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (flax's
-`nn.Conv(conv_general_dilated=...)` hook). Its forward pass and its gradient with respect to the
-input are XLA's own. Only the gradient with respect to the kernel changes, and only when
-compiling for the CPU: XLA:CPU lowers that gradient to a "backward-filter" convolution that runs
-4-20x slower than the forward convolution of the same size and 5x slower than torch's (on a
-200x304x256 map, `experiments/benchmarks/bench_ops.py`: a 3x3 256->256 kernel gradient takes
-1.27 s, 0.37 s here, 0.23 s in torch; a 1x1 256->128 one 202 ms, 22 ms here, 38 ms in torch).
-Here it is the textbook identity instead,
+`nn.Conv(conv_general_dilated=...)` hook), with the same values and parameters. It changes how
+three things are computed:
 
-    dL/dw[i, j] = sum over (n, y, x) of  x_pad[n, s*y + i, s*x + j, :]^T  g[n, y, x, :],
+- An unpadded 1x1 conv is a matmul over the pixels, forward and backward (`_pointwise`):
+  XLA:CPU's 1x1 convolution is up to 15x slower than the matmul (narrow outputs worst).
+- The gradient with respect to the kernel, when compiling for the CPU: XLA:CPU lowers it to a
+  "backward-filter" convolution that runs 4-20x slower than the forward convolution of the same
+  size and 5x slower than torch's (on a 200x304x256 map, `experiments/benchmarks/bench_ops.py`:
+  a 3x3 256->256 kernel gradient takes 1.27 s, 0.37 s here, 0.23 s in torch). Here it is the
+  textbook identity instead,
 
-one `[Cin, N*Ho*Wo] x [N*Ho*Wo, Cout]` matmul per kernel tap (in a loop, see
-`_kernel_grad_matmuls`), which XLA:CPU runs at its matmul speed. The rewrite is used where it
-measured faster: 1x1 kernels of any width, and larger kernels whose input and output widths are
-both at least `TAP_MATMUL_MIN_CHANNELS` (narrow 3x3 convs are faster as XLA's own). GPUs and
-TPUs keep XLA's convolution gradient (`lax.platform_dependent`).
+      dL/dw[i, j] = sum over (n, y, x) of  x_pad[n, s*y + i, s*x + j, :]^T  g[n, y, x, :],
+
+  one `[Cin, N*Ho*Wo] x [N*Ho*Wo, Cout]` matmul per kernel tap (in a loop, see
+  `_kernel_grad_matmuls`), which XLA:CPU runs at its matmul speed. It is used where it measured
+  faster: 1x1 kernels, and larger kernels whose input and output widths are both at least
+  `TAP_MATMUL_MIN_CHANNELS` (narrow 3x3 convs are faster as XLA's own). GPUs and TPUs keep
+  XLA's kernel gradient (`lax.platform_dependent`).
+- The input gradient of a stride-1 conv is written as the forward conv of the output gradient
+  with the flipped kernel: the same computation XLA derives, but in that form XLA:CPU keeps its
+  fast convolution inside loop bodies as well (the autodiff form ran 8x slower there).
 
 Shapes: `lhs` float [N, H, W, Cin] (NHWC), `rhs` float [kh, kw, Cin, Cout] (HWIO); the result is
 [N, Ho, Wo, Cout]. Other layouts, dilations and grouped convs go to `lax.conv_general_dilated`
@@ -68,19 +74,68 @@ def _kernel_grad_matmuls(x, g, kernel_hw, strides, padding):
   return dw.reshape(kh, kw, cin, cout)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x, w, strides, padding):
+def _input_grad(g, w, in_hw, strides, padding):
+  """dL/dx of `_lax_conv(x, w, strides, padding)` for x of spatial size `in_hw`, as forward
+  convolutions of g (which XLA:CPU runs on its fast path, in loop bodies too).
+
+  Stride 1: the conv of g with the flipped, in/out-swapped kernel. Stride s: the same per
+  output phase. Input row i = s*q + a receives g[o] w[k] exactly where s*o + k = i + pad_lo,
+  so only the taps k = s*m + c with c = (a + pad_lo) mod s reach phase a, and they form a
+  stride-1 correlation of g with the sub-kernel w[c::s]; the s*s phases are then interleaved.
+  XLA's own form dilates g with zeros ("base-dilated" conv), 5-15x slower on the CPU (218 ms
+  for ResNet's layer2 stride-2 conv at 800x1216, ~20 ms here).
+  """
+  (kh, kw), (sy, sx) = w.shape[:2], strides
+  n, ho, wo, _ = g.shape
+  h, wd = in_hw
+  cin = w.shape[2]
+
+  def axis_phase(a, s, k, pad_lo, out_len, in_len):
+    """(first tap c, taps M, conv padding (lo, hi)) giving phase a's ceil(in_len / s) rows."""
+    q = -(-in_len // s)
+    c = (a + pad_lo) % s
+    m = len(range(c, k, s))
+    d = (a + pad_lo - c) // s
+    lo = m - 1 - d
+    return c, m, (lo, q - out_len - lo + m - 1)
+
+  rows = []
+  for a in range(sy):
+    cy, my, pad_y = axis_phase(a, sy, kh, padding[0][0], ho, h)
+    cols = []
+    for b in range(sx):
+      cx, mx, pad_x = axis_phase(b, sx, kw, padding[1][0], wo, wd)
+      qy, qx = -(-h // sy), -(-wd // sx)
+      if my == 0 or mx == 0:  # no tap reaches this phase (e.g. a 1x1 kernel with stride 2)
+        cols.append(jnp.zeros((n, qy, qx, cin), g.dtype))
+        continue
+      sub = jnp.flip(w[cy::sy, cx::sx], (0, 1)).swapaxes(2, 3)
+      # Negative padding crops g; as a slice, since XLA:CPU's conv read garbage for negative
+      # conv padding in some shapes.
+      crop = g[:, max(-pad_y[0], 0):ho - max(-pad_y[1], 0),
+               max(-pad_x[0], 0):wo - max(-pad_x[1], 0)]
+      pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in (pad_y, pad_x))
+      cols.append(_lax_conv(crop, sub, (1, 1), pads))
+    rows.append(jnp.stack(cols, axis=3))  # [N, Qy, Qx, sx, Cin]
+  dx = jnp.stack(rows, axis=2)  # [N, Qy, sy, Qx, sx, Cin]
+  qy, qx = dx.shape[1], dx.shape[3]
+  return dx.reshape(n, qy * sy, qx * sx, cin)[:, :h, :wd]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, w, strides, padding, tap_matmul_kernel_grad):
+  del tap_matmul_kernel_grad
   return _lax_conv(x, w, strides, padding)
 
 
-def _conv_fwd(x, w, strides, padding):
+def _conv_fwd(x, w, strides, padding, tap_matmul_kernel_grad):
+  del tap_matmul_kernel_grad
   return _lax_conv(x, w, strides, padding), (x, w)
 
 
-def _conv_bwd(strides, padding, residuals, g):
+def _conv_bwd(strides, padding, tap_matmul_kernel_grad, residuals, g):
   x, w = residuals
-  _, input_vjp = jax.vjp(lambda x_: _lax_conv(x_, w, strides, padding), x)
-  (dx,) = input_vjp(g)
+  dx = _input_grad(g, w, x.shape[1:3], strides, padding)
 
   def xla_kernel_grad(x, g):
     _, kernel_vjp = jax.vjp(lambda w_: _lax_conv(x, w_, strides, padding), w)
@@ -89,8 +144,11 @@ def _conv_bwd(strides, padding, residuals, g):
   def matmul_kernel_grad(x, g):
     return _kernel_grad_matmuls(x, g, w.shape[:2], strides, padding)
 
-  dw = lax.platform_dependent(x, g, cpu=matmul_kernel_grad, default=xla_kernel_grad)
-  return dx, dw.astype(w.dtype)
+  if tap_matmul_kernel_grad:
+    dw = lax.platform_dependent(x, g, cpu=matmul_kernel_grad, default=xla_kernel_grad)
+  else:
+    dw = xla_kernel_grad(x, g)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -109,7 +167,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   plain = (lhs.ndim == 4
            and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
            and feature_group_count == 1 and batch_group_count == 1 and precision is None
-           and preferred_element_type is None and uses_tap_matmuls(rhs.shape)
+           and preferred_element_type is None
            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
   if not plain:
@@ -122,4 +180,19 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if isinstance(padding, str):  # 'SAME' / 'VALID' as lax resolves them
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return _conv(lhs, rhs, strides, padding)
+  if rhs.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
+    return _pointwise(lhs, rhs, strides)
+  return _conv(lhs, rhs, strides, padding, uses_tap_matmuls(rhs.shape))
+
+
+def _pointwise(x, w, strides):
+  """An unpadded 1x1 conv as a matmul over the (strided) pixels; its gradients are matmuls.
+
+  XLA:CPU's 1x1 convolution is 1.1-15x slower than the same matmul (narrowest outputs worst:
+  256 -> 3 channels on a 200x304 map, the RPN's objectness, takes 29 ms as a conv and 1.9 ms as
+  a matmul), and its kernel gradient is the slow backward-filter conv described above.
+  """
+  sy, sx = strides
+  if (sy, sx) != (1, 1):
+    x = x[:, ::sy, ::sx]
+  return lax.dot_general(x, w[0, 0], (((3,), (0,)), ((), ())))

@@ -211,6 +211,40 @@ def test_losses_match_torchvision_and_have_gradients(tiny_config, golden, golden
     assert norm > 0, path  # every parameter (nothing frozen in the tiny config) gets gradient
 
 
+def test_chunked_mask_loss_equals_all_slots(tiny_config, golden, golden_variables):
+  """mask_head.loss_chunk visits only the chunks holding foreground RoIs: same loss and
+  gradients as running the head on every slot, for images with different foreground counts."""
+  one = _golden_batch(tiny_config, golden, garbage=True)
+  batch = {k: jnp.concatenate([v, v]) for k, v in one.items()}
+  batch['gt_valid'] = batch['gt_valid'].at[1, 1:].set(False)  # image 2: one instance
+  results = {}
+  for chunk in (0, 2, 3):
+    cfg = tiny_config.copy_and_resolve_references()
+    cfg.model.mask_head.loss_chunk = chunk
+    # Many foreground RoIs (the golden weights' proposals seldom overlap the gt by 0.5), so
+    # several chunks are visited, and a different count per image.
+    cfg.model.roi.positive_fraction = 1.0
+    cfg.model.roi.fg_iou_thresh = cfg.model.roi.bg_iou_thresh = 0.05
+    model = mask_rcnn.build_model(cfg)
+
+    def loss_fn(params, model=model):
+      variables = {'params': params, 'constants': golden_variables['constants']}
+      return model.apply(variables, batch, jax.random.key(0), method=mask_rcnn.MaskRCNN.losses)
+
+    results[chunk] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        golden_variables['params'])
+  (_, ref_metrics), ref_grads = results[0]
+  assert float(ref_metrics['loss_mask']) > 0.1
+  assert 6 < float(ref_metrics['num_roi_foreground']) < 32  # several chunks, the last partial
+  for chunk in (2, 3):
+    (_, metrics), grads = results[chunk]
+    np.testing.assert_allclose(metrics['loss_mask'], ref_metrics['loss_mask'], rtol=1e-5)
+    flat, ref_flat = (traverse_util.flatten_dict(g) for g in (grads, ref_grads))
+    for path, ref in ref_flat.items():
+      np.testing.assert_allclose(flat[path], ref, rtol=1e-4, atol=1e-6, err_msg=str(path))
+    assert float(jnp.abs(flat[('roi_heads', 'mask_head', 'mask_fcn1', 'kernel')]).sum()) > 0
+
+
 def test_bfloat16_runs_close_to_float32_with_f32_params(tiny_config, golden, golden_variables,
                                                           golden_inputs):
   cfg = tiny_config.copy_and_resolve_references()
