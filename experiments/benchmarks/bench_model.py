@@ -8,7 +8,12 @@ on a GPU) is its own. Cases: inference on one 800x1216 image (end to end: our Pr
 uint8 image to pasted masks; torchvision's model(list of tensors), which also resizes,
 normalises and pastes), and a train step at 800x1216 with batch 1 and 2 (SGD + momentum; ours the
 jitted step with the state donated, torchvision forward + backward + optimizer.step()).
-Compile time (our first call) is reported separately from the steady-state median.
+Compile time (our first call) is reported separately from the steady-state median. Peak memory
+is reported twice: over the whole process (compilation and first step included) and over the
+timed steps only (the kernel's VmHWM, restarted after the first call). After the first call both
+train cases return the C heap's free pages to the OS (glibc malloc_trim), as our train loop
+does after every step that compiled (`train.release_host_memory`). `--cpu_memory_scheduler` runs
+our cases with XLA:CPU's memory-minimising op order (less memory, slower on 2 cores).
 
 Both models are torchvision's `maskrcnn_resnet50_fpn` layout with FrozenBatchNorm and
 trainable_layers=3 (the COCO fine-tuning setting). When torch imports, our variables are
@@ -17,13 +22,16 @@ JAX process never imports torch), so both run identical weights and produce the 
 detections; otherwise ours are randomly initialised. torchvision's SGD runs at lr 2e-5, about our
 config's warm-up rate in these first steps (lr 0.02 diverges to NaN on random weights).
 
-The last column counts the RoIs each mask head runs on: ours always has the static 128 slots
-per image (512 sampled x 0.25), torchvision exactly the foreground RoIs, which with random
-weights on this input are only the 8 ground-truth boxes per image (a trained RPN yields many
-more, up to the same 128).
+The last column counts foreground RoIs. torchvision runs its mask head on exactly those; with
+random weights on this input they are only the 8 ground-truth boxes per image (a trained RPN
+yields many more, up to 128). Ours has 128 static foreground slots per image (512 sampled x
+0.25) and runs the head on the chunks of `mask_head.loss_chunk` (16) slots that hold one
+(`ops/losses.active_rows_loss`): here one chunk per image.
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import resource
@@ -38,6 +46,9 @@ import numpy as np
 HEIGHT, WIDTH = 800, 1216
 CASES = ('jax-infer', 'torch-infer', 'jax-train-1', 'torch-train-1', 'jax-train-2',
          'torch-train-2')
+# XLA:CPU schedules independent ops for concurrency by default; this flag selects its
+# memory-minimising order instead (it is read only from XLA_FLAGS, when the backend starts).
+MEMORY_SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -61,6 +72,13 @@ def _steady_peak_rss_mb() -> float:
       if line.startswith('VmHWM:'):
         return int(line.split()[1]) / 1024.0
   return float('nan')
+
+
+def _malloc_trim() -> None:
+  try:
+    ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
 
 
 def _image(seed=0) -> np.ndarray:
@@ -180,6 +198,7 @@ def run_case(case: str, repeats: int) -> dict:
     state, metrics = step(state, gbatch)
     jax.block_until_ready(metrics)
     result['first_call_s'] = time.perf_counter() - t0
+    train.release_host_memory()  # as the train loop does after a step that compiled
     steady = _reset_peak_rss()  # the steps' own peak, without compilation and first call
     times = []
     for _ in range(repeats):
@@ -188,8 +207,6 @@ def run_case(case: str, repeats: int) -> dict:
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t0)
     result['loss'] = float(metrics['loss'])
-    result['mask_head_rois'] = int(config.model.roi.batch_size_per_image
-                                   * config.model.roi.positive_fraction) * batch_size
     if 'num_roi_foreground' in metrics:
       result['foreground_rois'] = round(float(metrics['num_roi_foreground']) * batch_size)
   elif case.startswith('torch-train'):
@@ -229,13 +246,14 @@ def run_case(case: str, repeats: int) -> dict:
     t0 = time.perf_counter()
     step()
     result['first_call_s'] = time.perf_counter() - t0
+    _malloc_trim()  # the same treatment as ours: freed heap pages go back to the OS
     steady = _reset_peak_rss()  # the steps' own peak, without compilation and first call
     times = []
     for _ in range(repeats):
       t0 = time.perf_counter()
       result['loss'] = step()
       times.append(time.perf_counter() - t0)
-    result['foreground_rois'] = result['mask_head_rois'] = counts[-1]
+    result['foreground_rois'] = counts[-1]
   else:
     raise ValueError(case)
   result['median_s'] = statistics.median(times)
@@ -289,6 +307,9 @@ def main() -> None:
   parser.add_argument('--only', choices=CASES)
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--cases', default=','.join(CASES))
+  parser.add_argument('--cpu_memory_scheduler', action='store_true',
+                      help='run our cases with XLA:CPU\'s memory-minimising scheduler '
+                      f'(XLA_FLAGS={MEMORY_SCHEDULER_FLAG})')
   parser.add_argument('--dump_torch_state', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.dump_torch_state:  # child of _jax_setup: the random torchvision model's weights
@@ -301,6 +322,8 @@ def main() -> None:
   results = {}
   for case in args.cases.split(','):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    if args.cpu_memory_scheduler and case.startswith('jax'):
+      env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {MEMORY_SCHEDULER_FLAG}'.strip()
     proc = subprocess.run([sys.executable, __file__, '--only', case, '--repeats',
                            str(args.repeats)], capture_output=True, text=True, env=env,
                           check=False)
@@ -315,8 +338,10 @@ def main() -> None:
 
 def _table(results: dict) -> str:
   rows = ['| case | ours median (s) | ours first call (s) | torchvision median (s) | ratio '
-          '(ours / tv) | ours peak RSS (MB) | tv peak RSS (MB) | mask-head RoIs, ours / tv |',
+          '(ours / tv) | peak RSS during the steps, ours / tv (MB) | peak RSS of the process, '
+          'ours / tv (MB) | foreground RoIs, ours / tv |',
           '|---|---|---|---|---|---|---|---|']
+  nan = float('nan')
   for name, (ours, theirs) in {
       'inference, 1 image 800x1216': ('jax-infer', 'torch-infer'),
       'train step, batch 1': ('jax-train-1', 'torch-train-1'),
@@ -324,11 +349,13 @@ def _table(results: dict) -> str:
     a, b = results.get(ours), results.get(theirs)
     if a is None:
       continue
+    b = b or {}
     ratio = f'{a["median_s"] / b["median_s"]:.2f}' if b else 'n/a'
     rows.append(f'| {name} | {a["median_s"]:.3f} | {a["first_call_s"]:.1f} | '
-                f'{b["median_s"] if b else float("nan"):.3f} | {ratio} | '
-                f'{a["peak_rss_mb"]:.0f} | {b["peak_rss_mb"] if b else float("nan"):.0f} | '
-                f'{a.get("mask_head_rois", "-")} / {(b or {}).get("mask_head_rois", "-")} |')
+                f'{b.get("median_s", nan):.3f} | {ratio} | '
+                f'{a.get("step_peak_rss_mb", nan):.0f} / {b.get("step_peak_rss_mb", nan):.0f} | '
+                f'{a["peak_rss_mb"]:.0f} / {b.get("peak_rss_mb", nan):.0f} | '
+                f'{a.get("foreground_rois", "-")} / {b.get("foreground_rois", "-")} |')
   return '\n'.join(rows)
 
 
