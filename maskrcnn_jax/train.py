@@ -2,7 +2,8 @@
 
 Read top to bottom: optimiser -> train state -> train_step (pure, top level) -> mesh and
 sharding -> initialisation and restore (workdir checkpoint > run.init_checkpoint >
-run.pretrained_backbone > scratch) -> the loop (logging, NaN stop, SIGTERM, checkpoints, eval).
+run.pretrained_backbone > scratch) -> host memory -> the loop (logging, NaN stop, SIGTERM,
+checkpoints, eval).
 """
 
 import ctypes

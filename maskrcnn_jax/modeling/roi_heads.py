@@ -2,6 +2,7 @@
 `MaskRCNNHeads`, `MaskRCNNPredictor`) and the multi-level RoI feature extraction feeding them.
 """
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -93,7 +94,9 @@ class MaskRCNNHeads(nn.Module):
       x = nn.relu(nn.Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                           param_dtype=jnp.float32, kernel_init=mask_init,
                           name=f'mask_fcn{i + 1}',
-                          conv_general_dilated=conv.conv_general_dilated)(x))
+                          # Runs inside active_rows_loss's loop: matmul kernel gradients.
+                          conv_general_dilated=functools.partial(
+                              conv.conv_general_dilated, tap_matmul_kernel_grad=True))(x))
     return x
 
 

@@ -29,7 +29,7 @@ unchanged. The kernel gradient is accumulated in float32 and cast to the kernel'
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 from jax import lax
@@ -162,8 +162,14 @@ def uses_tap_matmuls(kernel_shape: Sequence[int]) -> bool:
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                         precision=None, preferred_element_type=None) -> Any:
-  """`lax.conv_general_dilated` with the CPU kernel-gradient rewrite described above."""
+                         precision=None, preferred_element_type=None,
+                         tap_matmul_kernel_grad: Optional[bool] = None) -> Any:
+  """`lax.conv_general_dilated` with the rewrites described above.
+
+  `tap_matmul_kernel_grad=True` forces the matmul kernel gradient whatever the width: convs
+  run inside a loop body need it (there XLA:CPU's backward-filter conv is far slower still:
+  a 64-wide mask head in `losses.active_rows_loss` took 10x the step time).
+  """
   plain = (lhs.ndim == 4
            and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
            and feature_group_count == 1 and batch_group_count == 1 and precision is None
@@ -182,7 +188,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   if rhs.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
     return _pointwise(lhs, rhs, strides)
-  return _conv(lhs, rhs, strides, padding, uses_tap_matmuls(rhs.shape))
+  if tap_matmul_kernel_grad is None:
+    tap_matmul_kernel_grad = uses_tap_matmuls(rhs.shape)
+  return _conv(lhs, rhs, strides, padding, bool(tap_matmul_kernel_grad))
 
 
 def _pointwise(x, w, strides):
