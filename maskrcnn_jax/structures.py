@@ -78,7 +78,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if m.mask_head.resolution != 2 * m.roi.mask_output_size:
     _fail('model.mask_head.resolution', m.mask_head.resolution,
           'must be 2 x model.roi.mask_output_size (one 2x deconv)')
-  if int(m.mask_head.get('loss_chunk', 0)) < 0:
+  if int(m.mask_head.loss_chunk) < 0:
     _fail('model.mask_head.loss_chunk', m.mask_head.loss_chunk,
           'must be >= 0 (0: the mask head runs on every foreground slot)')
   for name in ('rpn.fg_iou_thresh', 'rpn.bg_iou_thresh', 'roi.fg_iou_thresh',

@@ -224,17 +224,9 @@ class RoIHeads(nn.Module):
       float32 scalar (the caller divides by the pixel count); gradients flow to `x` and to the
       mask head's parameters.
     """
-    if not chunk:
-      logits = self.mask(x.reshape((-1,) + x.shape[2:]), labels.reshape(-1))
-      return loss_ops.sigmoid_bce(logits, targets.reshape(logits.shape), foreground.reshape(-1))
-    m = self.config.model
-    dtype = resnet.dtype_of(self.config)
-    # Unbound copies of the two modules (parent=None), applied to this module's parameters:
-    # active_rows_loss needs a pure function of explicit parameters.
-    head = MaskRCNNHeads(int(m.mask_head.conv_dim), int(m.mask_head.num_convs), dtype,
-                         parent=None)
-    predictor = MaskRCNNPredictor(int(m.mask_head.conv_dim), int(m.num_classes), dtype,
-                                  parent=None)
+    # Unbound clones of the two modules applied to this module's parameters: a pure function
+    # of explicit parameters, as active_rows_loss needs.
+    head, predictor = self.mask_head.clone(parent=None), self.mask_predictor.clone(parent=None)
     params = {k: self.variables['params'][k] for k in ('mask_head', 'mask_predictor')}
 
     def bce_sum(p, xs, aux):
@@ -244,5 +236,7 @@ class RoIHeads(nn.Module):
                                   aux['foreground'].reshape(-1))
 
     aux = {'labels': labels, 'targets': targets, 'foreground': foreground}
+    if not chunk:
+      return bce_sum(params, x, aux)
     return loss_ops.active_rows_loss(bce_sum, params, x, aux,
                                      jnp.sum(foreground, axis=1, dtype=jnp.int32), chunk)

@@ -19,9 +19,10 @@ three things are computed:
   faster: 1x1 kernels, and larger kernels whose input and output widths are both at least
   `TAP_MATMUL_MIN_CHANNELS` (narrow 3x3 convs are faster as XLA's own). GPUs and TPUs keep
   XLA's kernel gradient (`lax.platform_dependent`).
-- The input gradient of a stride-1 conv is written as the forward conv of the output gradient
-  with the flipped kernel: the same computation XLA derives, but in that form XLA:CPU keeps its
-  fast convolution inside loop bodies as well (the autodiff form ran 8x slower there).
+- The input gradient is written as forward convs of the output gradient (`_input_grad`): for
+  stride 1 the conv with the flipped kernel, which XLA derives too but which in this form keeps
+  XLA:CPU's fast convolution inside loop bodies (the autodiff form ran 8x slower there); for
+  stride s one conv per input phase, instead of XLA's conv of the zero-dilated gradient.
 
 Shapes: `lhs` float [N, H, W, Cin] (NHWC), `rhs` float [kh, kw, Cin, Cout] (HWIO); the result is
 [N, Ho, Wo, Cout]. Other layouts, dilations and grouped convs go to `lax.conv_general_dilated`
@@ -89,10 +90,10 @@ def _input_grad(g, w, in_hw, strides, padding):
   n, ho, wo, _ = g.shape
   h, wd = in_hw
   cin = w.shape[2]
+  qy, qx = -(-h // sy), -(-wd // sx)  # rows and columns of every phase
 
-  def axis_phase(a, s, k, pad_lo, out_len, in_len):
-    """(first tap c, taps M, conv padding (lo, hi)) giving phase a's ceil(in_len / s) rows."""
-    q = -(-in_len // s)
+  def axis_phase(a, s, k, pad_lo, out_len, q):
+    """(first tap c, taps M, conv padding (lo, hi)) giving phase a's q rows."""
     c = (a + pad_lo) % s
     m = len(range(c, k, s))
     d = (a + pad_lo - c) // s
@@ -101,11 +102,10 @@ def _input_grad(g, w, in_hw, strides, padding):
 
   rows = []
   for a in range(sy):
-    cy, my, pad_y = axis_phase(a, sy, kh, padding[0][0], ho, h)
+    cy, my, pad_y = axis_phase(a, sy, kh, padding[0][0], ho, qy)
     cols = []
     for b in range(sx):
-      cx, mx, pad_x = axis_phase(b, sx, kw, padding[1][0], wo, wd)
-      qy, qx = -(-h // sy), -(-wd // sx)
+      cx, mx, pad_x = axis_phase(b, sx, kw, padding[1][0], wo, qx)
       if my == 0 or mx == 0:  # no tap reaches this phase (e.g. a 1x1 kernel with stride 2)
         cols.append(jnp.zeros((n, qy, qx, cin), g.dtype))
         continue
@@ -118,7 +118,6 @@ def _input_grad(g, w, in_hw, strides, padding):
       cols.append(_lax_conv(crop, sub, (1, 1), pads))
     rows.append(jnp.stack(cols, axis=3))  # [N, Qy, Qx, sx, Cin]
   dx = jnp.stack(rows, axis=2)  # [N, Qy, sy, Qx, sx, Cin]
-  qy, qx = dx.shape[1], dx.shape[3]
   return dx.reshape(n, qy * sy, qx * sx, cin)[:, :h, :wd]
 
 

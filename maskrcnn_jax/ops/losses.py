@@ -305,7 +305,6 @@ def _chunk_loop(fn, chunk, params, rows, aux, num_active, with_grads):
 
   rows_p, aux_p = pad(rows), jax.tree_util.tree_map(pad, aux)
   trips = (jnp.max(jnp.asarray(num_active, jnp.int32)) + chunk - 1) // chunk
-  zeros_f32 = functools.partial(jax.tree_util.tree_map, lambda p: jnp.zeros(p.shape, jnp.float32))
 
   def body(carry):
     i, total, dparams, drows = carry
@@ -320,8 +319,10 @@ def _chunk_loop(fn, chunk, params, rows, aux, num_active, with_grads):
       value = fn(params, x, a)
     return i + 1, total + _f32(value), dparams, drows
 
-  init = (jnp.int32(0), jnp.float32(0.0), zeros_f32(params) if with_grads else None,
-          jnp.zeros(rows_p.shape, jnp.float32) if with_grads else None)
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  init = (jnp.int32(0), jnp.float32(0.0),
+          jax.tree_util.tree_map(zeros, params) if with_grads else None,
+          zeros(rows_p) if with_grads else None)
   _, total, dparams, drows = lax.while_loop(lambda c: c[0] < trips, body, init)
   if not with_grads:
     return total, None, None
