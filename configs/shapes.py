@@ -4,7 +4,8 @@
 
 Generates the dataset under data/shapes when missing, trains, evaluates (COCO bbox and segm AP
 on the validation split) and writes prediction pictures into the workdir. Expected: about
-0.70 segm AP / 0.79 bbox AP in under 8 minutes on a 2-core CPU (measured; see README.md).
+0.70 segm AP / 0.79 bbox AP in 8-11 minutes on a 2-core CPU, depending on the machine's load
+(measured; see README.md).
 """
 
 from configs import maskrcnn_r50_fpn
