@@ -190,9 +190,9 @@ def run_case(case: str, repeats: int) -> dict:
     state, shardings, optimizer = train.init_state(config, model, mesh, (HEIGHT, WIDTH))
     state = state.replace(params=variables['params'], constants=variables['constants'])
     state = jax.device_put(state, shardings)
+    del variables  # the host copy: the train state holds the only weights, as in torchvision
     step = train.make_jitted_train_step(config, model, optimizer, mesh, shardings)
-    batch = _jax_batch(config, batch_size, transforms)
-    gbatch = train.global_batch(batch, mesh)
+    gbatch = train.global_batch(_jax_batch(config, batch_size, transforms), mesh)
     result['rss_before_mb'] = _peak_rss_mb()
     t0 = time.perf_counter()
     state, metrics = step(state, gbatch)

@@ -30,6 +30,45 @@ STAGE_NAMES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4')
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+def _opaque_copy(y: jnp.ndarray) -> jnp.ndarray:
+  """`y`, passed through a one-trip `while_loop` whose trip count XLA cannot know.
+
+  An identity that XLA:CPU's fusion cannot see through: the consumers of the result read this
+  buffer instead of re-deriving `y` from its inputs. The body rewrites element 0 with itself
+  (so XLA cannot drop the loop as invariant) in place.
+  """
+  flat = y.reshape(-1)
+  trips = 1 - jnp.isnan(flat[0]).astype(jnp.int32)  # 1, but only known at run time
+
+  def body(carry):
+    i, v = carry
+    return i + 1, v.at[0].set(jnp.where(i < 0, 0, v[0]))
+
+  return jax.lax.while_loop(lambda c: c[0] < trips, body, (jnp.int32(0), flat))[1].reshape(y.shape)
+
+
+@jax.custom_jvp
+def relu(x: jnp.ndarray) -> jnp.ndarray:
+  """`max(x, 0)` with the derivative of `nn.relu`, differentiated so as to keep less memory.
+
+  Its derivative mask is read from the output, and on the CPU the output is made opaque to
+  XLA (`_opaque_copy`). Without that, XLA:CPU computes the backward pass's mask by re-deriving
+  the output from the conv outputs that produced it, through the whole chain of residual
+  additions of a stage, so every conv output of every block stays alive until the backward
+  pass, beside the activations the kernel gradients need. With it only the activations stay:
+  the R50-FPN train step's XLA temp memory at 800x1216 drops from 1.62 GB to 1.28 GB, at no
+  measured cost in step time. Other backends run the plain form (not measured there).
+  """
+  return jnp.maximum(x, 0)
+
+
+@relu.defjvp
+def _relu_jvp(primals, tangents):
+  y = jnp.maximum(primals[0], 0)
+  y = jax.lax.platform_dependent(y, cpu=_opaque_copy, default=lambda v: v)
+  return y, jnp.where(y > 0, tangents[0], jnp.zeros_like(tangents[0]))
+
+
 def dtype_of(config: ml_collections.ConfigDict) -> Any:
   """The compute dtype named by `config.dtype` ('float32' | 'bfloat16')."""
   return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.dtype]
@@ -116,14 +155,14 @@ class Bottleneck(nn.Module):
     out_ch = self.width * BOTTLENECK_EXPANSION
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
     y = _conv(self.width, 1, s1, self.norm, self.dtype, 'conv1')(x)
-    y = nn.relu(_norm(self.norm, self.eps, 'bn1')(y))
+    y = relu(_norm(self.norm, self.eps, 'bn1')(y))
     y = _conv(self.width, 3, s3, self.norm, self.dtype, 'conv2')(y)
-    y = nn.relu(_norm(self.norm, self.eps, 'bn2')(y))
+    y = relu(_norm(self.norm, self.eps, 'bn2')(y))
     y = _conv(out_ch, 1, 1, self.norm, self.dtype, 'conv3')(y)
     y = _norm(self.norm, self.eps, 'bn3')(y)
     if self.stride != 1 or x.shape[-1] != out_ch:
       x = Downsample(out_ch, self.stride, self.norm, self.eps, self.dtype, name='downsample')(x)
-    return nn.relu(x + y)
+    return relu(x + y)
 
 
 class BasicBlock(nn.Module):
@@ -138,13 +177,13 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     y = _conv(self.width, 3, self.stride, self.norm, self.dtype, 'conv1')(x)
-    y = nn.relu(_norm(self.norm, self.eps, 'bn1')(y))
+    y = relu(_norm(self.norm, self.eps, 'bn1')(y))
     y = _conv(self.width, 3, 1, self.norm, self.dtype, 'conv2')(y)
     y = _norm(self.norm, self.eps, 'bn2')(y)
     if self.stride != 1 or x.shape[-1] != self.width:
       x = Downsample(self.width, self.stride, self.norm, self.eps, self.dtype,
                      name='downsample')(x)
-    return nn.relu(x + y)
+    return relu(x + y)
 
 
 class ResLayer(nn.Module):
@@ -195,7 +234,7 @@ class ResNet(nn.Module):
     block, blocks = STAGE_BLOCKS[self.depth]
     x = x.astype(self.dtype)
     x = _conv(self.width, 7, 2, self.norm, self.dtype, 'conv1')(x)
-    x = nn.relu(_norm(self.norm, self.eps, 'bn1')(x))
+    x = relu(_norm(self.norm, self.eps, 'bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)

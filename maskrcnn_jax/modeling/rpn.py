@@ -68,9 +68,28 @@ class RPNHead(nn.Module):
     for x in feats:
       b = x.shape[0]
       t = nn.relu(self.conv(x))
-      objectness.append(self.cls_logits(t).astype(jnp.float32).reshape(b, -1))
-      deltas.append(self.bbox_pred(t).astype(jnp.float32).reshape(b, -1, 4))
+      logits, box = self._predict(t)
+      objectness.append(logits.astype(jnp.float32).reshape(b, -1))
+      deltas.append(box.astype(jnp.float32).reshape(b, -1, 4))
     return objectness, deltas
+
+  def _predict(self, t: jnp.ndarray):
+    """`(cls_logits(t), bbox_pred(t))` as one 1x1 conv with the two kernels side by side.
+
+    The two predictors read the same `[B, H, W, C]` map; as one A + 4A wide matmul, the forward
+    pass and both gradients read (and, for the kernel gradient, transpose) that map once instead
+    of twice, which on P2 of an 800x1216 input is a 62 MB array. The parameters stay the two
+    torchvision-named convs.
+    """
+    if self.is_initializing():
+      return self.cls_logits(t), self.bbox_pred(t)
+    params = self.variables['params']
+    kernel = jnp.concatenate([params['cls_logits']['kernel'], params['bbox_pred']['kernel']], -1)
+    bias = jnp.concatenate([params['cls_logits']['bias'], params['bbox_pred']['bias']])
+    t, kernel, bias = nn.dtypes.promote_dtype(t, kernel, bias, dtype=self.dtype)
+    out = conv.conv_general_dilated(t, kernel, (1, 1), 'VALID',
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+    return out[..., :self.num_anchors], out[..., self.num_anchors:]
 
 
 class RPN(nn.Module):

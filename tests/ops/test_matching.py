@@ -234,6 +234,67 @@ def test_match_boxes_equals_numpy_reference(seed):
     assert pos.sum() > 0 and (ref_l == IGN).sum() > 0
 
 
+def _scattered_case(rng, num_gt=7, num_cands=48):
+  """gt slots valid / crowd / padded in random places (not a valid prefix), duplicate gts (ties
+  between gt rows), candidates near gts and near-duplicates of each other."""
+  gt = random_boxes(rng, num_gt)
+  gt[rng.integers(num_gt)] = gt[rng.integers(num_gt)]  # an exact duplicate gt
+  cands = np.concatenate([random_boxes(rng, num_cands - 2 * num_gt),
+                          gt + rng.normal(0, 1.0, gt.shape), gt], 0).astype(np.float32)
+  gt_valid = rng.random(num_gt) < 0.7
+  gt_crowd = rng.random(num_gt) < 0.25
+  cand_valid = rng.random(len(cands)) < 0.9
+  return gt, gt_valid, gt_crowd, cands, cand_valid
+
+
+@pytest.mark.parametrize('lq,ignore_crowd', [(True, True), (False, False)])
+def test_match_boxes_row_loop_equals_dense_match_on_random_cases(lq, ignore_crowd):
+  """The row-at-a-time loop gives the labels and matches of the dense [G, N] formulation
+  (`match` on `pairwise_iou`, then `apply_crowd_ignore`) and of the NumPy Matcher, with valid
+  slots anywhere among the padding (rows after the last valid one are skipped, garbage there is
+  harmless) and exact gt duplicates (tie rule: the first gt wins)."""
+  rng = np.random.default_rng(7)
+  fg, bg = (0.7, 0.3) if lq else (0.5, 0.5)
+  kw = dict(fg_thresh=fg, bg_thresh=bg, allow_low_quality=lq, ignore_crowd=ignore_crowd,
+            crowd_ioa_thresh=0.7)
+  for case in range(25):
+    gt, gt_valid, gt_crowd, cands, cand_valid = _scattered_case(rng)
+    if case == 0:
+      gt_valid[:] = False  # no gt at all
+    gt_garbage = np.where(gt_valid[:, None], gt, np.nan).astype(np.float32)
+    got_m, got_l = map(np.asarray, match_boxes(gt_garbage, gt_valid, gt_crowd, cands, cand_valid,
+                                               **kw))
+    ref_m, ref_l = np_match_boxes(gt, gt_valid, gt_crowd, cands, cand_valid, fg, bg, lq,
+                                  ignore_crowd, 0.7)
+    dense_m, dense_l = match(box_ops.pairwise_iou(jnp.asarray(gt), jnp.asarray(cands)),
+                             gt_valid & ~gt_crowd, fg, bg, lq, candidate_valid=cand_valid)
+    if ignore_crowd:
+      dense_l = matching.apply_crowd_ignore(
+          dense_l, box_ops.pairwise_ioa(jnp.asarray(gt), jnp.asarray(cands)),
+          jnp.asarray(gt_crowd & gt_valid), 0.7)
+    np.testing.assert_array_equal(got_l, ref_l, err_msg=f'case {case}')
+    np.testing.assert_array_equal(got_l, np.asarray(dense_l), err_msg=f'case {case}')
+    pos = ref_l == POS
+    np.testing.assert_array_equal(got_m[pos], ref_m[pos], err_msg=f'case {case}')
+    np.testing.assert_array_equal(got_m, np.asarray(dense_m), err_msg=f'case {case}')
+
+
+def test_match_boxes_vmapped_over_images_with_different_gt_counts():
+  """Under vmap the loop runs to the largest image's last valid gt; each image's result equals
+  its own unbatched result."""
+  rng = np.random.default_rng(3)
+  cases = [_scattered_case(rng) for _ in range(3)]
+  cases[1][1][:] = False  # an image without gt
+  cases[2][1][:] = [True] + [False] * 6  # one gt in the first slot only
+  stacked = [np.stack(x) for x in zip(*cases)]
+  kw = dict(fg_thresh=0.7, bg_thresh=0.3, allow_low_quality=True, ignore_crowd=True)
+  batched = jax.jit(jax.vmap(functools.partial(matching.match_boxes, **kw)))(*stacked)
+  for i, case in enumerate(cases):
+    single = match_boxes(*case, **kw)
+    for b, s in zip(batched, single):
+      np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(s))
+
+
 # ----------------------------------------------------------------------------- rpn_targets
 
 

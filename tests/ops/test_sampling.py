@@ -79,6 +79,21 @@ def test_sample_balanced_fewer_candidates_than_slots():
   assert int(np.asarray(out[2]).sum()) == 5
 
 
+def test_random_priorities_are_normal_floats_ordered_like_their_random_bits():
+  """The float32 priorities are finite normal numbers whose order is that of the 30 random bits
+  they carry: integer resolution (no more ties than 30-bit integers would have)."""
+  n = 200_000
+  p = np.asarray(sampling._random_priority(jax.random.PRNGKey(0), n))
+  assert p.dtype == np.float32
+  assert np.all(np.isfinite(p)) and p.min() >= np.finfo(np.float32).tiny and p.max() < 4.0
+  bits = p.view(np.uint32).astype(np.int64) - 0x00800000
+  assert bits.min() >= 0 and bits.max() < 2**30
+  order = np.argsort(p, kind='stable')
+  assert np.all(np.diff(bits[order]) >= 0)
+  assert n - len(np.unique(p)) < 60  # ~n^2 / 2^31 = 19 expected collisions
+  assert 0.45 < np.mean(bits < 2**29) < 0.55  # the top bit is a fair coin
+
+
 def test_sample_balanced_is_uniform_and_seeded():
   """Each positive is drawn with probability cap / #positives, each negative with
   (num - cap) / #negatives; a fixed key repeats the draw."""
