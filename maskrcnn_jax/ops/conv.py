@@ -63,7 +63,7 @@ def _kernel_grad_matmuls(x, g, kernel_hw, strides, padding):
   # before g exists. XLA:CPU otherwise schedules it early in the forward pass, and on an
   # 800x1216 train step the FPN's P2 copy (60 MB) stayed alive through the RPN's backward pass.
   # (A NaN in g gives NaN padding, but NaN reaches dw through the matmuls with g anyway.)
-  zero = jnp.minimum(jnp.abs(g.reshape(-1)[0]), 0).astype(x.dtype)
+  zero = jnp.minimum(jnp.abs(g.reshape(-1)[0]), 0).astype(x.dtype) if g.size else 0
   xp = jnp.pad(x, ((0, 0), (pt, hp - h - pt), (pl, wp - w - pl), (0, 0)), constant_values=zero)
   phases = xp.reshape(n, hp // sy, sy, wp // sx, sx, cin).transpose(2, 4, 0, 1, 3, 5)
   g2 = g.reshape(n * ho * wo, cout)

@@ -146,6 +146,8 @@ def _weighted_gather(flat, idx, wts):
   flat, idx, wts = jnp.asarray(flat), jnp.asarray(idx), jnp.asarray(wts)
   n, oh, ow, k = idx.shape
   c = flat.shape[-1]
+  if n == 0:
+    return jnp.zeros((0, oh, ow, c), jnp.float32)
   chunk, num_chunks = _chunking(n, oh, ow, k, c)
   idx_c = _pad_rois(idx, chunk * num_chunks).reshape(num_chunks, chunk, oh, ow, k)
   wts_c = _pad_rois(wts, chunk * num_chunks).reshape(num_chunks, chunk, oh, ow, k)
@@ -182,6 +184,8 @@ def _weighted_gather_bwd(res, g):
   g = jnp.asarray(g).astype(jnp.float32)
   n, oh, ow, k = idx.shape
   c = g.shape[-1]
+  if n == 0:
+    return jnp.zeros((num_rows, c), carrier.dtype), None, None
   chunk, num_chunks = _chunking(n, oh, ow, k, c)
   # Padded RoIs have weight 0 at row 0.
   idx, wts, g = (_pad_rois(x, chunk * num_chunks) for x in (idx, wts, g))
@@ -287,6 +291,8 @@ def _roi_pool_flat(flat, boxes, scale, heights, widths, offsets, output_size):
   """Max over each bin of the flat map; argmax found by a loop over bin offsets, then gathered
   so that gradients reach the max element (torchvision's backward)."""
   oh, ow = _pair(output_size)
+  if boxes.shape[0] == 0:
+    return jnp.zeros((0, oh, ow, flat.shape[-1]), flat.dtype)
   boxes = jax.lax.stop_gradient(boxes.astype(jnp.float32))
   # Non-finite boxes (padding garbage) become empty bins.
   finite = jnp.all(jnp.isfinite(boxes), axis=-1)

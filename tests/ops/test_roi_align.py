@@ -312,3 +312,15 @@ def test_multilevel_one_compile_for_any_level_mix():
   for b in (small, mixed):
     jax.block_until_ready(pool(b))
   assert len(traces) == 1
+
+
+def test_no_rois_gives_empty_outputs_and_zero_gradients():
+  """Zero boxes: `[0, oh, ow, C]` outputs and an all-zero feature gradient, for both ops."""
+  feats = jnp.asarray(np.random.default_rng(0).normal(size=(12, 10, 4)), jnp.float32)
+  boxes = jnp.zeros((0, 4), jnp.float32)
+  ops = {'align': lambda f: roi_ops.roi_align(f, boxes, (3, 3), 0.5, 2, True),
+         'pool': lambda f: roi_ops.roi_pool(f, boxes, (3, 3), 0.5)}
+  for name, op in ops.items():
+    assert op(feats).shape == (0, 3, 3, 4), name
+    grad = jax.grad(lambda f: jnp.sum(op(f)))(feats)
+    np.testing.assert_array_equal(grad, np.zeros(feats.shape), err_msg=name)
