@@ -36,6 +36,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from maskrcnn_jax.ops import boxes as box_ops
+
 # Below this input/output width, XLA:CPU's backward-filter conv beats per-tap matmuls for kernels
 # larger than 1x1 (measured: 64->64 and 128->128 3x3 are 1.2-2x slower as matmuls).
 TAP_MATMUL_MIN_CHANNELS = 256
@@ -59,12 +61,10 @@ def _kernel_grad_matmuls(x, g, kernel_hw, strides, padding):
   (pt, pb), (pl, pr) = padding
   hp = -(-(h + pt + pb) // sy) * sy  # padded extent rounded up to whole phases
   wp = -(-(w + pl + pr) // sx) * sx
-  # Padded with min(|g|, 0) = 0 rather than a constant: the padded copy of x then cannot be made
-  # before g exists. XLA:CPU otherwise schedules it early in the forward pass, and on an
-  # 800x1216 train step the FPN's P2 copy (60 MB) stayed alive through the RPN's backward pass.
-  # (A NaN in g gives NaN padding, but NaN reaches dw through the matmuls with g anyway.)
-  zero = jnp.minimum(jnp.abs(g.reshape(-1)[0]), 0).astype(x.dtype) if g.size else 0
-  xp = jnp.pad(x, ((0, 0), (pt, hp - h - pt), (pl, wp - w - pl), (0, 0)), constant_values=zero)
+  # The padding value waits for g, so the padded copy of x is not made early in the forward pass
+  # and kept alive until here (`boxes.zeros_after`).
+  xp = jnp.pad(x, ((0, 0), (pt, hp - h - pt), (pl, wp - w - pl), (0, 0)),
+               constant_values=box_ops.zeros_after((), x.dtype, g))
   phases = xp.reshape(n, hp // sy, sy, wp // sx, sx, cin).transpose(2, 4, 0, 1, 3, 5)
   g2 = g.reshape(n * ho * wo, cout)
 

@@ -40,7 +40,8 @@ def _resize_matrix(lo: jnp.ndarray, hi: jnp.ndarray, in_size: int, out_size: int
   `lo`; rows outside `[lo, hi]` are zero.
   """
   length = jnp.maximum(hi - lo + 1, 1)  # torchvision: max(int(x2 - x1 + 1), 1)
-  ratio = box_ops.true_divide(jnp.full(length.shape, in_size, jnp.float32), length.astype(jnp.float32))
+  ratio = box_ops.true_divide(jnp.full(length.shape, in_size, jnp.float32),
+                              length.astype(jnp.float32))
   pix = jnp.arange(out_size, dtype=jnp.int32)[None, :]
   dst = (pix - lo[:, None]).astype(jnp.float32)
   src = jnp.maximum(ratio[:, None] * (dst + 0.5) - 0.5, 0.0)

@@ -25,35 +25,6 @@ class MatchLabel(enum.IntEnum):
   POSITIVE = 1  # foreground, regressed towards its matched ground truth
 
 
-# XLA:CPU reduces over the leading axis of a [G, N] array 7-14x slower than a loop over its G
-# rows (70 ms against 5-10 ms for [100, 243k] anchor IoUs), so on the CPU the reductions over
-# ground truth below are `fori_loop`s over rows; other backends keep the plain reduction.
-
-
-def _any_over_rows(mask: jnp.ndarray) -> jnp.ndarray:
-  """`jnp.any(mask, axis=0)` for bool `[G, N]`."""
-  def by_rows(mask):
-    return jax.lax.fori_loop(0, mask.shape[0], lambda g, acc: acc | mask[g],
-                             jnp.zeros(mask.shape[1:], bool))
-
-  return jax.lax.platform_dependent(mask, cpu=by_rows, default=lambda m: jnp.any(m, axis=0))
-
-
-def _max_over_rows(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """(`max(x, axis=0)`, the first row index reaching it (torch.max's tie rule)) for `[G, N]`."""
-  def by_rows(x):
-    def step(g, carry):
-      best, index = carry
-      take = x[g] > best
-      return jnp.where(take, x[g], best), jnp.where(take, g, index)
-    return jax.lax.fori_loop(1, x.shape[0], step, (x[0], jnp.zeros(x.shape[1:], jnp.int32)))
-
-  def reduce(x):
-    return jnp.max(x, axis=0), jnp.argmax(x, axis=0).astype(jnp.int32)
-
-  return jax.lax.platform_dependent(x, cpu=by_rows, default=reduce)
-
-
 def sanitize_boxes(boxes: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
   """Replaces the boxes of padded slots by a unit box so that no NaN/inf can leak from them.
 
@@ -103,28 +74,54 @@ def match(iou: jnp.ndarray,
     labels: int32 `[N]` of `MatchLabel` values. All NEGATIVE (valid candidates) when no gt is valid.
   """
   iou = jnp.asarray(iou, jnp.float32)
-  num_gt, num_candidates = iou.shape
+  return _match_rows(lambda g: iou[g], iou.shape[0], jnp.asarray(gt_valid, bool), candidate_valid,
+                     fg_thresh, bg_thresh, allow_low_quality, num_candidates=iou.shape[1])
+
+
+def _match_rows(quality_row, num_rows, eligible, candidate_valid, fg_thresh, bg_thresh,
+                allow_low_quality, *, num_candidates, crowd_row=None):
+  """The Matcher of `match`, one gt row at a time in a `lax.while_loop`.
+
+  `quality_row(g)` gives gt g's float32 `[N]` IoUs; rows at and past `num_rows` (an int or a
+  traced scalar) are never read. With `crowd_row(g)` (bool `[N]`, the candidates inside gt g if
+  it is a crowd region), NEGATIVE candidates inside any crowd region become IGNORE, as in
+  `apply_crowd_ignore`. A loop rather than reductions over the gt axis because XLA:CPU reduces
+  such column-wise layouts 7-14x slower, and because `num_rows` can stop at the last real gt.
+  Each row's best IoU is found in the same iteration that compares the row against it, so the
+  low-quality rule's equality test sees bit-identical values.
+  """
   if candidate_valid is None:
     candidate_valid = jnp.ones((num_candidates,), bool)
   candidate_valid = jnp.asarray(candidate_valid, bool)
-  if num_gt == 0:
+  if isinstance(num_rows, int) and num_rows == 0:
     labels = jnp.where(candidate_valid, MatchLabel.NEGATIVE, MatchLabel.IGNORE)
     return jnp.zeros((num_candidates,), jnp.int32), labels.astype(jnp.int32)
 
-  gt_valid = jnp.asarray(gt_valid, bool)
-  pair_valid = gt_valid[:, None] & candidate_valid[None, :]
-  quality = jnp.where(pair_valid, iou, -jnp.inf)
-  best, matched_gt = _max_over_rows(quality)
+  def row(carry):
+    g, best, matched_gt, low_quality, in_crowd = carry
+    quality = jnp.where(eligible[g] & candidate_valid, quality_row(g), -jnp.inf)
+    take = quality > best  # strict: the first gt reaching the maximum wins (torch.max)
+    best = jnp.where(take, quality, best)
+    matched_gt = jnp.where(take, g, matched_gt)
+    if allow_low_quality:  # torchvision set_low_quality_matches_; see `match`
+      row_best = jnp.max(quality)
+      low_quality = low_quality | ((quality == row_best) & (row_best > 0))
+    if crowd_row is not None:
+      in_crowd = in_crowd | crowd_row(g)
+    return g + 1, best, matched_gt, low_quality, in_crowd
+
+  no = jnp.zeros((num_candidates,), bool)
+  init = (jnp.int32(0), jnp.full((num_candidates,), -jnp.inf, jnp.float32),
+          jnp.zeros((num_candidates,), jnp.int32), no, no)
+  _, best, matched_gt, low_quality, in_crowd = jax.lax.while_loop(
+      lambda carry: carry[0] < num_rows, row, init)
+
   labels = jnp.where(best >= fg_thresh, MatchLabel.POSITIVE,
                      jnp.where(best < bg_thresh, MatchLabel.NEGATIVE, MatchLabel.IGNORE))
-
-  if allow_low_quality:
-    best_per_gt = jnp.max(quality, axis=1, keepdims=True)  # [G, 1], -inf for invalid gts
-    achieves_best = pair_valid & (quality == best_per_gt) & (best_per_gt > 0)
-    labels = jnp.where(_any_over_rows(achieves_best), MatchLabel.POSITIVE, labels)
-
-  labels = jnp.where(jnp.any(gt_valid), labels, MatchLabel.NEGATIVE)
+  labels = jnp.where(low_quality, MatchLabel.POSITIVE, labels)
+  labels = jnp.where(jnp.any(eligible), labels, MatchLabel.NEGATIVE)
   labels = jnp.where(candidate_valid, labels, MatchLabel.IGNORE)
+  labels = jnp.where(in_crowd & (labels == MatchLabel.NEGATIVE), MatchLabel.IGNORE, labels)
   return matched_gt, labels.astype(jnp.int32)
 
 
@@ -147,7 +144,7 @@ def apply_crowd_ignore(labels: jnp.ndarray, crowd_ioa: jnp.ndarray, gt_crowd: jn
   Returns:
     int32 `[N]` labels.
   """
-  covered = _any_over_rows(gt_crowd[:, None] & (crowd_ioa >= ioa_thresh))
+  covered = jnp.any(gt_crowd[:, None] & (crowd_ioa >= ioa_thresh), axis=0)
   return jnp.where(covered & (labels == MatchLabel.NEGATIVE), MatchLabel.IGNORE,
                    labels).astype(jnp.int32)
 
@@ -171,10 +168,9 @@ def match_boxes(gt_boxes: jnp.ndarray,
   the image's real instance count, not the padded maximum (like torchvision, which matches the gts
   an image has). For the RPN's 243k anchors of an 800x1216 input and 100 gt slots, the dense form
   builds two 97 MB matrices (IoU and crowd IoA) and took ~200 ms of a CPU train-step profile
-  with 8 real gts; this form computes each needed row once and keeps only `[N]` running values.
-  Each row's best IoU is found in the same iteration that compares the row against it, so the
-  low-quality rule's equality test sees bit-identical values. Gradients are stopped at the boxes
-  (matching is not differentiable).
+  with 8 real gts; this form computes each needed row once and keeps only `[N]` running values
+  (`_match_rows`, the loop `match` runs too). Gradients are stopped at the boxes (matching is
+  not differentiable).
 
   Crowd gts are excluded from matching (they never produce positives, as in torchvision and
   detectron2, which drop them); with `ignore_crowd`, negatives inside a crowd region are
@@ -200,43 +196,21 @@ def match_boxes(gt_boxes: jnp.ndarray,
   gt_boxes = jax.lax.stop_gradient(sanitize_boxes(gt_boxes, gt_valid))
   candidates = jax.lax.stop_gradient(sanitize_boxes(candidates, candidate_valid))
   num_gt, num_candidates = gt_boxes.shape[0], candidates.shape[0]
-  if num_gt == 0:
-    labels = jnp.where(candidate_valid, MatchLabel.NEGATIVE, MatchLabel.IGNORE)
-    return jnp.zeros((num_candidates,), jnp.int32), labels.astype(jnp.int32)
-
   used = gt_valid if ignore_crowd else eligible
-  num_rows = jnp.max(jnp.where(used, jnp.arange(1, num_gt + 1), 0))  # past the last used slot
+  # Past the last used slot (0 rows for no slots at all).
+  num_rows = jnp.max(jnp.where(used, jnp.arange(1, num_gt + 1), 0)) if num_gt else 0
 
-  def row(carry):
-    g, best, matched_gt, low_quality, in_crowd = carry
-    box = jax.lax.dynamic_slice_in_dim(gt_boxes, g, 1)  # [1, 4]
-    quality = jnp.where(eligible[g] & candidate_valid,
-                        box_ops.pairwise_iou(box, candidates)[0], -jnp.inf)
-    take = quality > best  # strict: the first gt reaching the maximum wins (torch.max)
-    best = jnp.where(take, quality, best)
-    matched_gt = jnp.where(take, g, matched_gt)
-    if allow_low_quality:  # torchvision set_low_quality_matches_; see `match`
-      row_best = jnp.max(quality)
-      low_quality = low_quality | ((quality == row_best) & (row_best > 0))
-    if ignore_crowd:
-      # pairwise_ioa(a, b) divides by the area of b: the candidate's, as COCO's iscrowd overlap.
-      ioa = box_ops.pairwise_ioa(box, candidates)[0]
-      in_crowd = in_crowd | (gt_crowd[g] & (ioa >= crowd_ioa_thresh))
-    return g + 1, best, matched_gt, low_quality, in_crowd
+  def box(g):
+    return jax.lax.dynamic_slice_in_dim(gt_boxes, g, 1)  # [1, 4]
 
-  no = jnp.zeros((num_candidates,), bool)
-  init = (jnp.int32(0), jnp.full((num_candidates,), -jnp.inf, jnp.float32),
-          jnp.zeros((num_candidates,), jnp.int32), no, no)
-  _, best, matched_gt, low_quality, in_crowd = jax.lax.while_loop(
-      lambda carry: carry[0] < num_rows, row, init)
+  def inside_crowd(g):
+    # pairwise_ioa(a, b) divides by the area of b: the candidate's, as COCO's iscrowd overlap.
+    return gt_crowd[g] & (box_ops.pairwise_ioa(box(g), candidates)[0] >= crowd_ioa_thresh)
 
-  labels = jnp.where(best >= fg_thresh, MatchLabel.POSITIVE,
-                     jnp.where(best < bg_thresh, MatchLabel.NEGATIVE, MatchLabel.IGNORE))
-  labels = jnp.where(low_quality, MatchLabel.POSITIVE, labels)
-  labels = jnp.where(jnp.any(eligible), labels, MatchLabel.NEGATIVE)
-  labels = jnp.where(candidate_valid, labels, MatchLabel.IGNORE)
-  labels = jnp.where(in_crowd & (labels == MatchLabel.NEGATIVE), MatchLabel.IGNORE, labels)
-  return matched_gt, labels.astype(jnp.int32)
+  return _match_rows(lambda g: box_ops.pairwise_iou(box(g), candidates)[0], num_rows, eligible,
+                     candidate_valid, fg_thresh, bg_thresh, allow_low_quality,
+                     num_candidates=num_candidates,
+                     crowd_row=inside_crowd if ignore_crowd else None)
 
 
 def scatter_mask(indices: jnp.ndarray, valid: jnp.ndarray, size: int) -> jnp.ndarray:

@@ -116,18 +116,6 @@ def _pad_rois(x, total):
   return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)) if pad else x
 
 
-def _zeros_after(shape, zero: jnp.ndarray) -> jnp.ndarray:
-  """float32 zeros of `shape`, filled from `zero`, a traced scalar that is 0 at run time.
-
-  A constant zero-fill has no inputs, so XLA:CPU's scheduler may run it at the start of the
-  program and keep the buffer alive until the loop that accumulates into it: for the backward
-  scatter of the multi-level RoIAlign that is two [80750, 256] float32 tables (158 MB) held
-  through the whole forward pass of an 800x1216 train step. Deriving the fill value from the
-  loop's own input makes the fill wait for that input.
-  """
-  return jnp.broadcast_to(zero, shape)
-
-
 @jax.custom_vjp
 def _weighted_gather(flat, idx, wts):
   """`out[n, i, j] = sum_k wts[n, i, j, k] * flat[idx[n, i, j, k]]` in float32.
@@ -165,9 +153,7 @@ def _weighted_gather(flat, idx, wts):
     return jax.lax.dynamic_update_slice_in_dim(out, one_chunk((idx_c[i], wts_c[i])), i * chunk,
                                                axis=0)
 
-  # The indices are >= 0, so this is 0; it only makes the zeros wait for them (`_zeros_after`).
-  zero = jnp.minimum(idx.reshape(-1)[0], 0).astype(jnp.float32)
-  out = _zeros_after((num_chunks * chunk, oh, ow, c), zero)
+  out = box_ops.zeros_after((num_chunks * chunk, oh, ow, c), jnp.float32, idx)
   return jax.lax.fori_loop(0, num_chunks, body, out)[:n]
 
 
@@ -197,9 +183,7 @@ def _weighted_gather_bwd(res, g):
     updates = (wts[i][:, :, None] * g[i][:, None, :]).reshape(-1, c)
     return grad.at[idx[i]].add(updates, mode='promise_in_bounds')
 
-  # min(|g|, 0) is 0 (NaN for a NaN g, which would reach the gradient through the updates anyway).
-  zero = jnp.minimum(jnp.abs(g[0, 0, 0]), 0.0)
-  grad = jax.lax.fori_loop(0, num_chunks, body, _zeros_after((num_rows, c), zero))
+  grad = jax.lax.fori_loop(0, num_chunks, body, box_ops.zeros_after((num_rows, c), jnp.float32, g))
   return grad.astype(carrier.dtype), None, None
 
 
