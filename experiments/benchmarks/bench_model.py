@@ -13,7 +13,9 @@ is reported twice: over the whole process (compilation and first step included) 
 timed steps only (the kernel's VmHWM, restarted after the first call). After the first call both
 train cases return the C heap's free pages to the OS (glibc malloc_trim), as our train loop
 does after every step that compiled (`train.release_host_memory`). `--cpu_memory_scheduler` runs
-our cases with XLA:CPU's memory-minimising op order (less memory, slower on 2 cores).
+our cases with XLA:CPU's memory-minimising op order (less memory, slower on 2 cores). The
+script restarts itself with glibc's huge-page malloc as the `maskrcnn-jax` CLI does, for both
+frameworks' cases; `MASKRCNN_JAX_MALLOC=default` keeps the C library's default allocator.
 
 Both models are torchvision's `maskrcnn_resnet50_fpn` layout with FrozenBatchNorm and
 trainable_layers=3 (the COCO fine-tuning setting). When torch imports, our variables are
@@ -303,6 +305,10 @@ def _gpu_memory() -> dict:
 
 
 def main() -> None:
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+  from maskrcnn_jax import main as cli  # pylint: disable=g-import-not-at-top
+  cli.reexec_with_huge_page_malloc()  # as the CLI does; the cases' subprocesses inherit it
   parser = argparse.ArgumentParser()
   parser.add_argument('--only', choices=CASES)
   parser.add_argument('--repeats', type=int, default=5)

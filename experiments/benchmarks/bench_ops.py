@@ -15,6 +15,10 @@ of 1000 proposals x 90 classes = 90000 class-aware candidates, threshold 0.5, 10
 Conv kernel gradients (`ops/conv.py` against XLA's own `lax.conv_general_dilated` gradient and
 torch's `conv2d_weight`): a 3x3 256->256 conv and a 1x1 256->128 conv on a 1 x 200 x 304 x 256
 map (P2 / res2 of an 800 x 1216 input), stride 1.
+
+The process restarts itself with glibc's huge-page malloc as the `maskrcnn-jax` CLI does
+(`main.reexec_with_huge_page_malloc`; ours and torchvision share the process, so both get it);
+`MASKRCNN_JAX_MALLOC=default` keeps the C library's default allocator.
 """
 
 import argparse
@@ -24,11 +28,15 @@ import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from maskrcnn_jax import main as cli  # noqa: E402
+
+cli.reexec_with_huge_page_malloc()  # as the CLI does; MASKRCNN_JAX_MALLOC=default to compare
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
 from maskrcnn_jax.ops import conv as conv_ops  # noqa: E402
 from maskrcnn_jax.ops import nms as nms_ops  # noqa: E402
 from maskrcnn_jax.ops import roi_align as roi_ops  # noqa: E402

@@ -151,6 +151,28 @@ def test_matches_reference_forward_and_grad(aligned, ratio, scale):
   np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-5)
 
 
+def test_many_chunks_in_position_order_return_input_order(monkeypatch):
+  # Chunks of 3 RoIs (25 RoIs: 9 chunks, 2 padded slots) visited in the sorted order of their
+  # first tap; outputs and gradients must still match the reference RoI by RoI. The shapes are
+  # unique to this test, so the patched chunk size is traced afresh.
+  c = 5
+  monkeypatch.setattr(roi_ops, 'CPU_CHUNK_BYTES', 3 * 2 * 2 * 16 * c * 4)
+  monkeypatch.setattr(roi_ops, 'ACCELERATOR_CHUNK_BYTES', 3 * 2 * 2 * 16 * c * 4)
+  rng = np.random.default_rng(7)
+  feat = rng.standard_normal((11, 13, c)).astype(np.float32)
+  boxes = odd_boxes(rng, 25, 22, 26)
+  cot = rng.standard_normal((25, 2, 2, c)).astype(np.float32)
+  assert roi_ops._chunking(25, 2, 2, 16, c) == (3, 9)  # pylint: disable=protected-access
+
+  def loss(f, b, t):
+    out = roi_ops.roi_align(f, b, (2, 2), 0.5, 2, False)
+    return jnp.vdot(out, t), out
+  (_, out), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(feat, boxes, cot)
+  ref, ref_grad = np_roi_align(feat, boxes, (2, 2), 0.5, 2, False, cot)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_torchvision_golden_forward_and_grad():
   g = np.load(GOLDEN)
   feat, boxes, cot = g['align_features'], g['align_boxes'], g['align_cotangent']
