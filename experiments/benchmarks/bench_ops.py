@@ -1,10 +1,11 @@
 """Times RoIAlign forward+backward and NMS against torchvision on this machine's CPU.
 
-  /work/tvenv/bin/python experiments/benchmarks/bench_ops.py   # a venv with jax[cpu] + torchvision
+  python experiments/benchmarks/bench_ops.py   # in a venv with this package, torch and torchvision
 
 Prints a markdown table: our compile time (`jit(...).lower(...).compile()`, kept apart), and
 steady-state medians after warm-up (with `block_until_ready`) of wall time and of process CPU
-time for ours and torchvision's (when importable), with the ratios ours / theirs. CPU time is
+time for ours and torchvision's (when importable), with the ratios ours / theirs. Ours and
+theirs are called in alternation, round after round, so both see the same machine load. CPU time is
 reported because the machine may be shared: it is less sensitive to other processes' load.
 Workloads: RoIAlign 7x7, sampling_ratio 2, legacy (aligned=False), spatial_scale 1/4 on a
 2 x 200 x 336 x 256 float32 map (P2 of an 800 x 1344 input) with 1000 RoIs, 500 per image
@@ -56,25 +57,44 @@ OUTPUT_SIZE = 7
 SAMPLING_RATIO = 2
 
 
-def _time(fn, repeats):
-  """(median wall seconds, median process-CPU seconds) of `repeats` calls after 2 warm-ups."""
-  fn()
-  fn()
-  wall, cpu = [], []
+def _alternate(fns: dict, repeats: int) -> dict:
+  """{name: (median wall seconds, median process-CPU seconds)} over `repeats` rounds that call
+  every function once in turn, after 2 warm-up rounds.
+
+  Alternating puts ours and torchvision's calls in the same stretch of time: timed one after the
+  other, ours (about 1 s in all) and theirs (10 s and more) would see different loads of a
+  shared machine.
+  """
+  for _ in range(2):
+    for fn in fns.values():
+      fn()
+  wall = {name: [] for name in fns}
+  cpu = {name: [] for name in fns}
   for _ in range(repeats):
-    start, start_cpu = time.perf_counter(), time.process_time()
-    fn()
-    wall.append(time.perf_counter() - start)
-    cpu.append(time.process_time() - start_cpu)
-  return statistics.median(wall), statistics.median(cpu)
+    for name, fn in fns.items():
+      start, start_cpu = time.perf_counter(), time.process_time()
+      fn()
+      wall[name].append(time.perf_counter() - start)
+      cpu[name].append(time.process_time() - start_cpu)
+  return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
-def _time_jax(jitted, args, repeats):
-  """(compile seconds, median wall, median CPU) of a jitted function on `args`."""
+def _compile(jitted, args):
+  """(compile seconds, a call that waits for the result) of a jitted function on `args`."""
   start = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   compile_s = time.perf_counter() - start
-  return (compile_s,) + _time(lambda: jax.block_until_ready(compiled(*args)), repeats)
+  return compile_s, lambda: jax.block_until_ready(compiled(*args))
+
+
+def _rows(compiled: dict, theirs: dict, repeats: int):
+  """Times ours (`{row: (compile_s, fn)}`) and theirs (`{row: fn}`) alternately -> the
+  `(rows, theirs)` of a bench function."""
+  fns = {('ours', row): fn for row, (_, fn) in compiled.items()}
+  fns.update({('theirs', row): fn for row, fn in theirs.items()})
+  timed = _alternate(fns, repeats)
+  return ({row: (c,) + timed[('ours', row)] for row, (c, _) in compiled.items()},
+          {row: timed[('theirs', row)] for row in theirs})
 
 
 def _random_boxes(rng, n, hw, min_size, max_size):
@@ -100,9 +120,8 @@ def bench_roi_align(rng, repeats):
   fwd = jax.jit(align)
   fwd_bwd = jax.jit(jax.value_and_grad(lambda f, b, t: jnp.vdot(align(f, b), t)))
   jf, jb, jc = jnp.asarray(feats), jnp.asarray(boxes), jnp.asarray(cot)
-  rows = {}
-  rows['RoIAlign forward'] = _time_jax(fwd, (jf, jb), repeats)
-  rows['RoIAlign forward+backward'] = _time_jax(fwd_bwd, (jf, jb, jc), repeats)
+  ours = {'RoIAlign forward': _compile(fwd, (jf, jb)),
+          'RoIAlign forward+backward': _compile(fwd_bwd, (jf, jb, jc))}
   theirs = {}
   if torch is not None:
     tf = torch.from_numpy(feats.transpose(0, 3, 1, 2).copy())
@@ -121,19 +140,18 @@ def bench_roi_align(rng, repeats):
       out = torchvision.ops.roi_align(f, tb, OUTPUT_SIZE, scale, SAMPLING_RATIO, False)
       (out * tc).sum().backward()
 
-    theirs['RoIAlign forward'] = _time(t_fwd, repeats)
-    theirs['RoIAlign forward+backward'] = _time(t_fwd_bwd, repeats)
-  return rows, theirs
+    theirs = {'RoIAlign forward': t_fwd, 'RoIAlign forward+backward': t_fwd_bwd}
+  return _rows(ours, theirs, repeats)
 
 
 def bench_nms(rng, repeats):
-  rows, theirs = {}, {}
+  ours, theirs = {}, {}
   n = 4000
   boxes = _random_boxes(rng, n, IMAGE_HW, 16, 512)
   scores = rng.uniform(size=n).astype(np.float32)
   f = jax.jit(lambda b, s: nms_ops.nms(b, s, 0.7, n))
   jb, js = jnp.asarray(boxes), jnp.asarray(scores)
-  rows['NMS 4000 boxes'] = _time_jax(f, (jb, js), repeats)
+  ours['NMS 4000 boxes'] = _compile(f, (jb, js))
   kept = int(f(jb, js)[1].sum())
   # Box-head postprocess: 1000 proposals x 90 classes, most below the score threshold.
   props = _random_boxes(rng, 1000, IMAGE_HW, 16, 512)
@@ -144,22 +162,22 @@ def bench_nms(rng, repeats):
   valid = cls_scores > 0.05
   g = jax.jit(lambda b, s, l, v: nms_ops.batched_nms(b, s, l, 0.5, 100, v))
   args = tuple(map(jnp.asarray, (cls_boxes, cls_scores, labels, valid)))
-  rows['batched NMS 90000 candidates -> 100'] = _time_jax(g, args, repeats)
+  ours['batched NMS 90000 candidates -> 100'] = _compile(g, args)
   if torch is not None:
     tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
-    theirs['NMS 4000 boxes'] = _time(lambda: torchvision.ops.nms(tb, ts, 0.7), repeats)
+    theirs['NMS 4000 boxes'] = lambda: torchvision.ops.nms(tb, ts, 0.7)
     assert len(torchvision.ops.nms(tb, ts, 0.7)) == kept, 'kept sets differ'
     vb, vs, vl = (torch.from_numpy(x[valid]) for x in (cls_boxes, cls_scores, labels))
 
     def t_batched():
       torchvision.ops.batched_nms(vb, vs, vl, 0.5)[:100]
 
-    theirs['batched NMS 90000 candidates -> 100'] = _time(t_batched, repeats)
-  return rows, theirs
+    theirs['batched NMS 90000 candidates -> 100'] = t_batched
+  return _rows(ours, theirs, repeats)
 
 
 def bench_conv_grad(rng, repeats):
-  rows, theirs = {}, {}
+  ours, theirs = {}, {}
   dims = ('NHWC', 'HWIO', 'NHWC')
   for k, cout in ((3, 256), (1, 128)):
     pad = k // 2
@@ -172,20 +190,20 @@ def bench_conv_grad(rng, repeats):
       kernel_grad = jax.jit(lambda x, w, g, conv=conv: jax.vjp(
           lambda w_: conv(x, w_, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=dims),
           w)[1](g)[0])
-      rows[f'{name} ({label})'] = _time_jax(kernel_grad, tuple(map(jnp.asarray, (x, w, g))),
-                                            repeats)
+      ours[f'{name} ({label})'] = _compile(kernel_grad, tuple(map(jnp.asarray, (x, w, g))))
     if torch is not None:
       tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
       tg = torch.from_numpy(g.transpose(0, 3, 1, 2).copy())
       shape = (cout, 256, k, k)
-      timing = _time(lambda: torch.nn.grad.conv2d_weight(tx, shape, tg, padding=pad), repeats)
-      theirs[f'{name} (ours)'] = theirs[f"{name} (XLA's)"] = timing
-  return rows, theirs
+      theirs[name] = (lambda tx=tx, tg=tg, shape=shape, pad=pad:
+                      torch.nn.grad.conv2d_weight(tx, shape, tg, padding=pad))
+  rows, timed = _rows(ours, theirs, repeats)
+  return rows, {row: timed[row.rsplit(' (', 1)[0]] for row in rows if theirs}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--repeats', type=int, default=7)
+  parser.add_argument('--repeats', type=int, default=11)
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   print(f'jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores'

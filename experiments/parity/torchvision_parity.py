@@ -1,6 +1,6 @@
 """Parity of a converted torchvision `maskrcnn_resnet50_fpn` with torchvision itself.
 
-    /work/tvenv/bin/python experiments/parity/torchvision_parity.py \
+    python experiments/parity/torchvision_parity.py \
         [--out experiments/parity/torchvision_parity.txt]
 
 Needs torch + torchvision + jax + this package in one environment (`pip install -e .` into the

@@ -128,44 +128,67 @@ def _processing_order(idx, total):
   return jnp.concatenate([order, jnp.arange(n, total, dtype=jnp.int32)])
 
 
+def _x_pairs(idx, wts, num_rows: int):
+  """The K taps of `_bin_taps` as K/2 windows of two adjacent rows: `(start, w_first, w_second)`,
+  each `[N, oh, ow, K/2]`.
+
+  `_bin_taps` orders a bin's taps with the x-neighbour innermost, so taps `2t` and `2t + 1` are
+  pixels x and x + 1 of one image row, adjacent in the flat map (at the right edge both are x,
+  and the second weight is 0). One gather of a `[2, C]` window reads both: measured 20-27%
+  faster than two row gathers. A window starting at the last row is moved back by one, its
+  weights with it.
+  """
+  first, w_first, w_second = idx[..., 0::2], wts[..., 0::2], wts[..., 1::2]
+  shifted = first >= num_rows - 1
+  start = jnp.where(shifted, num_rows - 2, first)
+  return (start, jnp.where(shifted, 0.0, w_first), jnp.where(shifted, w_first, w_second))
+
+
 @jax.custom_vjp
 def _weighted_gather(flat, idx, wts):
   """`out[n, i, j] = sum_k wts[n, i, j, k] * flat[idx[n, i, j, k]]` in float32.
 
   Args:
     flat: float `[P, C]` feature rows (any float dtype).
-    idx: int32 `[N, oh, ow, K]` row indices, all in `[0, P)`.
+    idx: int32 `[N, oh, ow, K]` row indices, all in `[0, P)`, in `_bin_taps`' tap order.
     wts: float32 `[N, oh, ow, K]` weights.
 
   Returns:
     float32 `[N, oh, ow, C]`. A loop over chunks of RoIs (taken in `_processing_order`) whose
-    body fuses the K row gathers with the weighted sum (no `[..., K, C]` intermediate). The loop
-    also keeps consumers out of that fusion: XLA:CPU otherwise fuses a following reduction with
-    the arithmetic and materialises K separate gathers (measured 8x slower).
+    body fuses the K/2 gathers of row pairs (`_x_pairs`) with the weighted sum (no
+    `[..., K, C]` intermediate). The loop also keeps consumers out of that fusion: XLA:CPU
+    otherwise fuses a following reduction with the arithmetic and materialises K separate
+    gathers (measured 8x slower).
   """
   flat, idx, wts = jnp.asarray(flat), jnp.asarray(idx), jnp.asarray(wts)
   n, oh, ow, k = idx.shape
   c = flat.shape[-1]
   if n == 0:
     return jnp.zeros((0, oh, ow, c), jnp.float32)
+  if flat.shape[0] < 2:  # a 1-pixel map: give the row-pair windows a second (unused) row
+    flat = jnp.pad(flat, ((0, 2 - flat.shape[0]), (0, 0)))
   chunk, num_chunks = _chunking(n, oh, ow, k, c)
   total = chunk * num_chunks
   order = _processing_order(idx, total)
-  idx_c = _pad_rois(idx, total)[order].reshape(num_chunks, chunk, oh, ow, k)
-  wts_c = _pad_rois(wts, total)[order].reshape(num_chunks, chunk, oh, ow, k)
+  pairs = _x_pairs(idx, wts, flat.shape[0])
+  start_c, w0_c, w1_c = (_pad_rois(x, total)[order].reshape(num_chunks, chunk, oh, ow, k // 2)
+                         for x in pairs)
   order_c = order.reshape(num_chunks, chunk)
+  window = jax.lax.GatherDimensionNumbers(offset_dims=(3, 4), collapsed_slice_dims=(),
+                                          start_index_map=(0,))
 
-  def one_chunk(ii, ww):
+  def one_chunk(start, w0, w1):
     acc = None
-    for t in range(k):
-      term = ww[..., t, None] * flat.at[ii[..., t]].get(mode='promise_in_bounds').astype(
-          jnp.float32)
+    for t in range(k // 2):
+      rows = jax.lax.gather(flat, start[..., t, None], window, slice_sizes=(2, c),
+                            mode='promise_in_bounds').astype(jnp.float32)
+      term = w0[..., t, None] * rows[..., 0, :] + w1[..., t, None] * rows[..., 1, :]
       acc = term if acc is None else acc + term
     return acc
 
   def body(i, out):
-    return out.at[order_c[i]].set(one_chunk(idx_c[i], wts_c[i]), mode='promise_in_bounds',
-                                  unique_indices=True)
+    return out.at[order_c[i]].set(one_chunk(start_c[i], w0_c[i], w1_c[i]),
+                                  mode='promise_in_bounds', unique_indices=True)
 
   out = box_ops.zeros_after((total, oh, ow, c), jnp.float32, idx)
   return jax.lax.fori_loop(0, num_chunks, body, out)[:n]
@@ -227,7 +250,8 @@ def roi_align(features: jnp.ndarray, boxes: jnp.ndarray, output_size, spatial_sc
 
   Implementation: the `K = 4 * sampling_ratio**2` bilinear taps of every bin are turned into
   flat row indices and weights (`[N, oh, ow, K]`, the 1/count average folded in), and each bin
-  is one weighted sum of K gathered feature rows, accumulated in float32; no
+  is one weighted sum of K feature rows (gathered as K/2 pairs of x-neighbours), accumulated in
+  float32; no
   `[N, oh, ow, K, C]` intermediate is formed. A `custom_vjp` makes the backward pass a float32
   scatter-add of `weight * cotangent` into the feature rows, issued per chunk of RoIs. Both
   passes take the RoIs in order of position, so that overlapping RoIs reuse cached rows; the

@@ -173,6 +173,20 @@ def test_many_chunks_in_position_order_return_input_order(monkeypatch):
   np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('hw', [(1, 1), (1, 4), (3, 1)])
+def test_one_pixel_wide_maps(hw):
+  # The forward pass reads x-neighbours as two-row windows; a window at the map's last row is
+  # moved back by one, and a 1-pixel map gets a padding row.
+  rng = np.random.default_rng(sum(hw))
+  feat = rng.standard_normal(hw + (3,)).astype(np.float32)
+  boxes = odd_boxes(rng, 12, hw[0] * 2, hw[1] * 2)
+  cot = rng.standard_normal((12, 2, 2, 3)).astype(np.float32)
+  (_, out), grad = align_fn((2, 2), 0.5, 2, False)(feat, boxes, cot)
+  ref, ref_grad = np_roi_align(feat, boxes, (2, 2), 0.5, 2, False, cot)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_torchvision_golden_forward_and_grad():
   g = np.load(GOLDEN)
   feat, boxes, cot = g['align_features'], g['align_boxes'], g['align_cotangent']

@@ -1,6 +1,6 @@
 """Writes resize_golden.npz: torch/torchvision resize outputs that tests/data check against.
 
-    /work/tvenv/bin/python tests/data/golden/make_resize_golden.py   # needs torch, torchvision
+    python tests/data/golden/make_resize_golden.py   # needs torch, torchvision
 
 Contents: GeneralizedRCNNTransform output sizes for a list of (h, w, min_size, max_size), and
 F.interpolate outputs (bilinear align_corners=False on float images; default 'nearest' on masks)

@@ -2,7 +2,7 @@
 
 Run with the torch venv (the tests only read the .npz):
 
-    /work/tvenv/bin/python tests/modeling/golden/make_golden.py
+    python tests/modeling/golden/make_golden.py
 
 The network is assembled from torchvision's own classes with the widths of
 `configs/maskrcnn_r50_fpn.get_config('tiny')`: ResNet bottlenecks [1, 1, 1, 1] at stem width 8

@@ -1,6 +1,6 @@
 """Writes ops_golden.npz: random inputs and torchvision's outputs for the ops tests.
 
-  /work/tvenv/bin/python tests/ops/golden/make_ops_golden.py   # needs torch + torchvision (CPU)
+  python tests/ops/golden/make_ops_golden.py   # needs torch + torchvision (CPU)
 
 The tests read only the .npz, so CI never needs torch. Arrays are small (< 1 MiB in all).
 Layout conversions: torchvision feature maps are NCHW; the npz stores HWC like our ops.

@@ -2,7 +2,7 @@
 
 Run with the torch venv (CI reads only the files written here and needs no torch):
 
-    /work/tvenv/bin/python tests/weights/golden/make_golden.py
+    python tests/weights/golden/make_golden.py
 
 Files:
   tv_tiny_maskrcnn.pth   the model's state dict saved by `torch.save` (float16 tensors, zip
