@@ -79,7 +79,7 @@ def cmd_convert() -> None:
 # Host memory. XLA:CPU gives every output and temporary buffer of a call fresh memory from malloc,
 # and glibc serves chunks over 32 MB with new mmaps, so every call pays one page fault per 4 KiB
 # it touches. On virtual machines a fault costs microseconds: measured on the 2-core CI-class VM,
-# faults were ~45% of RoIAlign forward+backward (200 -> 110 ms) and ~12% of an R50-FPN train step
+# faults were ~45% of RoIAlign forward+backward (200 -> 110 ms) and 0-12% of an R50-FPN train step
 # (5.35 -> 4.73 s). With this tunable (glibc >= 2.35) malloc marks its memory for transparent huge
 # pages, 2 MiB per fault. It only matters where THP is in `madvise` mode (the common default);
 # in `always` mode the kernel already does it, and `never` turns it off.
