@@ -116,16 +116,24 @@ def _pad_rois(x, total):
   return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)) if pad else x
 
 
-def _processing_order(idx, total):
-  """int32 `[total]`: RoIs sorted by the flat index of their first tap (by level, then row, then
-  column), followed by the padding slots `n..total-1`.
+def _chunk_plan(idx, c):
+  """`(order, num_chunks)` of both passes over `[N, oh, ow, K]` taps with C channels.
 
-  Neighbouring RoIs then read and update overlapping feature rows one after the other, so the
-  rows are still in cache: measured 15-20% faster forward and backward on 1000 random RoIs.
+  `order` (int32 `[num_chunks * chunk]`, chunk from `_chunking`) lists the RoIs sorted by the
+  flat index of their first tap (by level, then row, then column), then the padding slots
+  `N..`: neighbouring RoIs read and update overlapping feature rows one after the other, while
+  the rows are still in cache (measured about 12% faster forward and backward on 1000 random
+  RoIs).
   """
-  n = idx.shape[0]
+  n, oh, ow, k = idx.shape
+  chunk, num_chunks = _chunking(n, oh, ow, k, c)
   order = jnp.argsort(idx[:, 0, 0, 0]).astype(jnp.int32)
-  return jnp.concatenate([order, jnp.arange(n, total, dtype=jnp.int32)])
+  return jnp.concatenate([order, jnp.arange(n, chunk * num_chunks, dtype=jnp.int32)]), num_chunks
+
+
+def _to_chunks(x, order, num_chunks):
+  """Per-RoI `[N, ...]` -> `[num_chunks, chunk, ...]` in `order`, padding RoIs filled with 0."""
+  return _pad_rois(x, order.shape[0])[order].reshape((num_chunks, -1) + x.shape[1:])
 
 
 def _x_pairs(idx, wts, num_rows: int):
@@ -154,7 +162,7 @@ def _weighted_gather(flat, idx, wts):
     wts: float32 `[N, oh, ow, K]` weights.
 
   Returns:
-    float32 `[N, oh, ow, C]`. A loop over chunks of RoIs (taken in `_processing_order`) whose
+    float32 `[N, oh, ow, C]`. A loop over chunks of RoIs (taken in `_chunk_plan`'s order) whose
     body fuses the K/2 gathers of row pairs (`_x_pairs`) with the weighted sum (no
     `[..., K, C]` intermediate). The loop also keeps consumers out of that fusion: XLA:CPU
     otherwise fuses a following reduction with the arithmetic and materialises K separate
@@ -167,13 +175,10 @@ def _weighted_gather(flat, idx, wts):
     return jnp.zeros((0, oh, ow, c), jnp.float32)
   if flat.shape[0] < 2:  # a 1-pixel map: give the row-pair windows a second (unused) row
     flat = jnp.pad(flat, ((0, 2 - flat.shape[0]), (0, 0)))
-  chunk, num_chunks = _chunking(n, oh, ow, k, c)
-  total = chunk * num_chunks
-  order = _processing_order(idx, total)
-  pairs = _x_pairs(idx, wts, flat.shape[0])
-  start_c, w0_c, w1_c = (_pad_rois(x, total)[order].reshape(num_chunks, chunk, oh, ow, k // 2)
-                         for x in pairs)
-  order_c = order.reshape(num_chunks, chunk)
+  order, num_chunks = _chunk_plan(idx, c)
+  start_c, w0_c, w1_c = (_to_chunks(x, order, num_chunks)
+                         for x in _x_pairs(idx, wts, flat.shape[0]))
+  order_c = order.reshape(num_chunks, -1)
   window = jax.lax.GatherDimensionNumbers(offset_dims=(3, 4), collapsed_slice_dims=(),
                                           start_index_map=(0,))
 
@@ -190,7 +195,7 @@ def _weighted_gather(flat, idx, wts):
     return out.at[order_c[i]].set(one_chunk(start_c[i], w0_c[i], w1_c[i]),
                                   mode='promise_in_bounds', unique_indices=True)
 
-  out = box_ops.zeros_after((total, oh, ow, c), jnp.float32, idx)
+  out = box_ops.zeros_after((order.shape[0], oh, ow, c), jnp.float32, idx)
   return jax.lax.fori_loop(0, num_chunks, body, out)[:n]
 
 
@@ -209,17 +214,15 @@ def _weighted_gather_bwd(res, g):
   c = g.shape[-1]
   if n == 0:
     return jnp.zeros((num_rows, c), carrier.dtype), None, None
-  chunk, num_chunks = _chunking(n, oh, ow, k, c)
-  total = chunk * num_chunks
-  order = _processing_order(idx, total)
+  order, num_chunks = _chunk_plan(idx, c)
   # Padded RoIs have weight 0 at row 0.
-  idx = _pad_rois(idx, total)[order].reshape(num_chunks, chunk * oh * ow * k)
-  wts = _pad_rois(wts, total)[order].reshape(num_chunks, chunk * oh * ow, k)
-  g = _pad_rois(g, total)
-  order_c = order.reshape(num_chunks, chunk)
+  idx = _to_chunks(idx, order, num_chunks).reshape(num_chunks, -1)
+  wts = _to_chunks(wts, order, num_chunks).reshape(num_chunks, -1, k)
+  g = _pad_rois(g, order.shape[0])
+  order_c = order.reshape(num_chunks, -1)
 
   def body(i, grad):
-    g_i = g.at[order_c[i]].get(mode='promise_in_bounds').reshape(chunk * oh * ow, c)
+    g_i = g.at[order_c[i]].get(mode='promise_in_bounds').reshape(-1, c)
     updates = (wts[i][:, :, None] * g_i[:, None, :]).reshape(-1, c)
     return grad.at[idx[i]].add(updates, mode='promise_in_bounds')
 
@@ -251,8 +254,7 @@ def roi_align(features: jnp.ndarray, boxes: jnp.ndarray, output_size, spatial_sc
   Implementation: the `K = 4 * sampling_ratio**2` bilinear taps of every bin are turned into
   flat row indices and weights (`[N, oh, ow, K]`, the 1/count average folded in), and each bin
   is one weighted sum of K feature rows (gathered as K/2 pairs of x-neighbours), accumulated in
-  float32; no
-  `[N, oh, ow, K, C]` intermediate is formed. A `custom_vjp` makes the backward pass a float32
+  float32; no `[N, oh, ow, K, C]` intermediate is formed. A `custom_vjp` makes the backward pass a float32
   scatter-add of `weight * cotangent` into the feature rows, issued per chunk of RoIs. Both
   passes take the RoIs in order of position, so that overlapping RoIs reuse cached rows; the
   order changes only the float32 summation order of the gradient (results are returned in the
