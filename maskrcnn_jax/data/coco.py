@@ -9,16 +9,20 @@ A record is one image with its annotations in the ORIGINAL image frame:
     boxes          float32 [N, 4]  xyxy, original-image pixels, clipped to the image
     labels         int32   [N]     contiguous labels 1..K (0 is background)
     crowd          bool    [N]     iscrowd annotations (ignore regions)
-    areas          float32 [N]     COCO `area`
-    ann_ids        int64   [N]
-    segmentations  list of N raw COCO segmentations (polygon lists or RLE dicts), validated
+    areas          float32 [N]     COCO `area` (from the mask, or the box, where the file has none)
+    ann_ids        int64   [N]     unique: the ids of `CocoDataset.gt_dict()`'s annotations
+    segmentations  list of N raw COCO segmentations (polygon lists or RLE dicts), validated;
+                   None for a box-only annotation (only with `load_coco(require_masks=False)`)
+    has_mask       bool    [N]     the annotation has a segmentation
 
 Masks are decoded lazily with `decode_masks(record)`, exactly as pycocotools' `annToMask`.
 Problems in the input are either a `CocoFormatError`/`ImageDecodeError` naming the file, image
-or annotation, or an annotation/image skipped and counted in `CocoDataset.stats` (and logged).
+or annotation, or an annotation/image skipped, or a field normalised, and counted in
+`CocoDataset.stats` (and logged). Images are decoded in their displayed orientation (EXIF).
 """
 
 import collections
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -28,6 +32,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 from pycocotools import mask as mask_utils
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,10 @@ MIN_BOX_SIDE = 1.0  # boxes narrower or shorter than one pixel are degenerate an
 MIN_POLYGON_COORDS = 6  # a polygon needs at least three (x, y) points
 MAX_LOGGED_EXAMPLES = 5  # how many offending ids/files a warning lists
 UINT16_TO_UINT8 = 257.0  # 65535 / 255: maps 16-bit intensities onto 0..255
+EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how the stored pixels are turned for display
+MAX_LISTED_ERRORS = 50  # how many bad images an up-front verification error lists
+# Normalisations that are routine for some datasets: logged at INFO, not as warnings.
+_INFO_REASONS = ('annotation_box_only_kept',)
 
 
 class CocoFormatError(ValueError):
@@ -98,12 +107,61 @@ def load_label_map(path: str) -> LabelMap:
 # ----------------------------------------------------------------------------------- dataset
 @dataclasses.dataclass
 class CocoDataset:
-  """Records of one split plus its label map and the skip counts of loading it."""
+  """Records of one split plus its label map and the counts of loading it.
+
+  `stats` is {reason: count} of every annotation or image skipped and every field normalised.
+  `json_signature` is (size, mtime_ns) of `json_path` when it was read (None: not from a file).
+  """
   records: list[dict[str, Any]]
   label_map: LabelMap
   json_path: str
   image_dir: str
   stats: dict[str, int] = dataclasses.field(default_factory=dict)
+  json_signature: Optional[tuple[int, int]] = None
+
+  def gt_dict(self) -> dict[str, Any]:
+    """The split's ground truth as a normalised COCO instances dict: evaluation must use it.
+
+    pycocotools reading `json_path` itself sees the file's faults: it indexes annotations by
+    id, so duplicate ids keep only the last one (perfect detections then score below AP 1), and
+    a missing `id`, `iscrowd` or `area` raises inside COCOeval. This dict is the file's content
+    with load_coco's fixes: unique annotation ids (the records' `ann_ids`), `iscrowd` 0 and
+    `area` from the mask (or the box) where missing, polygon parts pycocotools would misread
+    dropped, and without the annotations it cannot evaluate (unknown image, malformed box,
+    unreadable segmentation). Every image and category of the file is kept, and so are the
+    annotations the records leave out for training reasons only (degenerate boxes, categories
+    outside the label map, the instance cap), so metrics stay those of the file's ground truth.
+
+    The file is read again rather than kept in memory (a training split's JSON is large); each
+    call returns a fresh dict (COCOeval writes into the ground truth it is given).
+
+    Raises:
+      CocoFormatError: `json_path` changed since it was loaded.
+    """
+    if self.json_signature is not None and _file_signature(self.json_path) != self.json_signature:
+      raise CocoFormatError(f'{self.json_path}: changed since it was loaded; load it again '
+                            'before evaluating against it')
+    data = _read_json(self.json_path)
+    _, anns = _normalise_annotations(data, self.json_path, lambda reason, what: None)
+    gt = dict(data)
+    gt['annotations'] = [a.to_gt() for a in anns]
+    return gt
+
+  def gt_coco(self):
+    """`gt_dict()` as an indexed pycocotools COCO (what `evaluation.coco_evaluate` accepts)."""
+    from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
+    coco_gt = COCO()
+    coco_gt.dataset = self.gt_dict()
+    coco_gt.createIndex()
+    return coco_gt
+
+
+def _file_signature(path: str) -> Optional[tuple[int, int]]:
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return st.st_size, st.st_mtime_ns
 
 
 def _read_json(json_path: str) -> dict[str, Any]:
@@ -138,30 +196,198 @@ def _finite_numbers(values) -> bool:
     return False
 
 
-def _clean_segmentation(segm, height: int, width: int, counts: collections.Counter):
-  """Returns a usable segmentation or None (reason counted)."""
+def _integer(value) -> Optional[int]:
+  """`value` as an int when it is an integral JSON number (not a bool), else None."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return None
+  if isinstance(value, float) and not (math.isfinite(value) and value == int(value)):
+    return None
+  return int(value)
+
+
+def _rle_string_counts(text: str) -> Optional[list[int]]:
+  """Run lengths of a compressed COCO RLE string, or None when it is malformed.
+
+  pycocotools' string format: each run length is a signed variable-length integer of 5-bit
+  groups, one character each (value + 48), bit 0x20 meaning "more groups follow" and bit 0x10
+  of the last group the sign; from the third on, a run is stored as its difference to the run
+  two before. Decoded here in Python because pycocotools' decoder does not check the runs: runs
+  past h*w write beyond its mask buffer, and a negative run wraps to ~4e9.
+  """
+  counts, pos, n = [], 0, len(text)
+  while pos < n:
+    value, shift, more = 0, 0, True
+    while more:
+      if pos >= n:
+        return None
+      c = ord(text[pos]) - 48
+      if not 0 <= c < 64:
+        return None
+      value |= (c & 0x1f) << shift
+      more = bool(c & 0x20)
+      pos += 1
+      shift += 5
+      if not more and c & 0x10:
+        value -= 1 << shift  # sign-extend
+    if len(counts) > 2:
+      value += counts[-2]
+    counts.append(value)
+  return counts
+
+
+def _rle_problem(segm: dict[str, Any], height: int, width: int) -> Optional[str]:
+  """Why an RLE segmentation is unusable on a height x width image (a stats reason), or None.
+
+  Uncompressed (list counts): non-negative integers summing to height * width. Compressed
+  (string counts): decodable, with non-negative runs summing to height * width. Either way
+  `size` must be [height, width].
+  """
+  size = segm['size']
+  if not isinstance(size, (list, tuple)) or len(size) != 2 or None in map(_integer, size):
+    return 'rle_invalid_dropped'
+  if [_integer(v) for v in size] != [height, width]:
+    return 'rle_size_mismatch_dropped'
+  counts = segm['counts']
+  if isinstance(counts, bytes):
+    try:
+      counts = counts.decode('ascii')
+    except UnicodeDecodeError:
+      return 'rle_invalid_dropped'
+  if isinstance(counts, str):
+    runs = _rle_string_counts(counts)
+  elif isinstance(counts, list):
+    runs = [_integer(v) for v in counts]
+  else:
+    return 'rle_invalid_dropped'
+  if runs is None or None in runs or any(v < 0 for v in runs) or sum(runs) != height * width:
+    return 'rle_invalid_dropped'
+  return None
+
+
+def _clean_segmentation(segm, height: int, width: int, note):
+  """Returns a usable segmentation or None; `note(reason)` counts each part or RLE dropped.
+
+  Polygon parts that are not finite numbers, or shorter than three points, are dropped (the
+  rest is kept); an RLE is kept only when `_rle_problem` finds nothing wrong with it.
+  """
   if isinstance(segm, list):
     parts = []
     for part in segm:
       if not isinstance(part, list) or not _finite_numbers(part):
-        counts['polygon_part_nonfinite_dropped'] += 1
+        note('polygon_part_nonfinite_dropped')
       elif len(part) < MIN_POLYGON_COORDS or len(part) % 2:
         # pycocotools would misread a 4-number polygon as a box, so reject short ones here.
-        counts['polygon_part_too_short_dropped'] += 1
+        note('polygon_part_too_short_dropped')
       else:
         parts.append([float(v) for v in part])
     return parts or None
   if isinstance(segm, dict) and 'counts' in segm and 'size' in segm:
-    if [int(s) for s in segm['size']] != [height, width]:
-      counts['rle_size_mismatch_dropped'] += 1
+    problem = _rle_problem(segm, height, width)
+    if problem:
+      note(problem)
       return None
     return segm
   return None
 
 
+@dataclasses.dataclass(slots=True)
+class _Annotation:
+  """One annotation after `_normalise_annotations` (its raw dict plus the normalised fields)."""
+  raw: dict[str, Any]
+  what: Any  # how messages name it: the file's id, or 'annotations[i]' where it has none
+  id: int
+  image_id: int
+  iscrowd: int
+  area: float
+  segmentation: Any  # the cleaned polygons or RLE; None for a box-only annotation
+
+  def to_gt(self) -> dict[str, Any]:
+    """The normalised COCO dict, as CocoDataset.gt_dict() lists it (built only when asked:
+    load_coco does not copy a large training file's annotations)."""
+    gt = dict(self.raw, id=self.id, image_id=self.image_id, iscrowd=self.iscrowd,
+              area=self.area)
+    if self.segmentation is None:
+      gt.pop('segmentation', None)
+    else:
+      gt['segmentation'] = self.segmentation
+    return gt
+
+
+def _normalise_annotations(data: dict[str, Any], json_path: str, skip
+                           ) -> tuple[dict[int, dict[str, Any]], list[_Annotation]]:
+  """The file's images by id, and its annotations that pycocotools can evaluate, normalised.
+
+  Shared by load_coco and CocoDataset.gt_dict(), and deterministic, so both give every
+  annotation the same id. `skip(reason, what)` is told of every change and drop:
+
+  * id: the first annotation of an id keeps it; later ones with that id
+    ('annotation_id_duplicate_renumbered') and ones without an integer id
+    ('annotation_id_missing_assigned') get fresh ids above the file's largest, in file order.
+  * iscrowd missing or not 0/1: 0 ('annotation_iscrowd_missing_set_0').
+  * area missing or not finite: pycocotools' area of the mask, or w * h of the box for a
+    box-only annotation ('annotation_area_missing_computed').
+  * segmentation absent, null or [] (detectron2's test): box-only, segmentation None.
+  * dropped: unknown image, malformed or non-finite bbox, or a segmentation of which nothing
+    usable is left (see _clean_segmentation).
+  """
+  images = {}
+  for img in data['images']:
+    image_id = int(img['id'])
+    if image_id in images:
+      raise CocoFormatError(f'{json_path}: duplicate image id {image_id}')
+    images[image_id] = img
+  raw = data['annotations']
+  given = [_integer(a.get('id')) if isinstance(a, dict) else None for a in raw]
+  next_id = max((i for i in given if i is not None), default=0) + 1
+  used, out = set(), []
+  for k, (ann, ann_id) in enumerate(zip(raw, given)):
+    if not isinstance(ann, dict):
+      skip('annotation_not_an_object', f'annotations[{k}]')
+      continue
+    what = ann['id'] if 'id' in ann else f'annotations[{k}]'
+    if ann_id is None or ann_id in used:
+      skip('annotation_id_missing_assigned' if ann_id is None
+           else 'annotation_id_duplicate_renumbered', what)
+      ann_id, next_id = next_id, next_id + 1
+    used.add(ann_id)
+    image_id = _integer(ann.get('image_id'))
+    if image_id not in images:
+      skip('annotation_unknown_image', what)
+      continue
+    img = images[image_id]
+    h, w = int(img['height']), int(img['width'])
+    bbox = ann.get('bbox')
+    if not isinstance(bbox, list) or len(bbox) != 4 or not _finite_numbers(bbox):
+      skip('annotation_bad_bbox', what)  # NaN/inf or malformed
+      continue
+    raw_segm = ann.get('segmentation')
+    if raw_segm is None or (isinstance(raw_segm, list) and not raw_segm):
+      segm = None
+    else:
+      segm = _clean_segmentation(raw_segm, h, w, lambda reason: skip(reason, what))
+      if segm is None:
+        skip('annotation_empty_segmentation', what)
+        continue
+    crowd = ann.get('iscrowd')
+    if not isinstance(crowd, (int, float)) or crowd not in (0, 1):
+      skip('annotation_iscrowd_missing_set_0', what)
+      crowd = 0
+    area = ann.get('area')
+    if not _finite_numbers([area]):
+      skip('annotation_area_missing_computed', what)
+      area = (float(bbox[2]) * float(bbox[3]) if segm is None else
+              float(mask_utils.area(segmentation_to_rle(segm, h, w))))
+    out.append(_Annotation(ann, what, ann_id, image_id, int(crowd), float(area), segm))
+  return images, out
+
+
 def load_coco(json_path: str, image_dir: str, *, label_map: Optional[LabelMap] = None,
-              max_instances: Optional[int] = None, check_files: bool = True) -> CocoDataset:
+              max_instances: Optional[int] = None, check_files: bool = True,
+              require_masks: bool = True) -> CocoDataset:
   """Reads a COCO instances JSON into records (see the module docstring).
+
+  Annotation fields are normalised as `_normalise_annotations` says (unique ids, iscrowd, area;
+  counted in `stats`); evaluate against `CocoDataset.gt_dict()`, which carries the same fixes.
 
   Args:
     json_path: the instances JSON.
@@ -171,10 +397,15 @@ def load_coco(json_path: str, image_dir: str, *, label_map: Optional[LabelMap] =
     max_instances: keep at most this many annotations per image: non-crowd before crowd, then the
       largest `area` first (the images capped are counted and logged).
     check_files: skip (count, log) images whose file does not exist.
+    require_masks: every kept annotation must have a segmentation (Mask R-CNN training). False
+      keeps box-only annotations: their `segmentations` entry is None, `has_mask` False, and
+      `decode_masks` gives them an empty mask.
   Raises:
-    CocoFormatError: the file is not JSON or not COCO instances.
+    CocoFormatError: the file is not JSON or not COCO instances, or masks are required and some
+      annotations are box-only (the message gives their count and the way to train boxes only).
   """
   data = _read_json(json_path)
+  signature = _file_signature(json_path)
   if label_map is None:
     label_map = LabelMap.from_categories(data['categories'])
   label_of = label_map.label_of()
@@ -186,46 +417,39 @@ def load_coco(json_path: str, image_dir: str, *, label_map: Optional[LabelMap] =
     if len(examples[reason]) < MAX_LOGGED_EXAMPLES:
       examples[reason].append(what)
 
-  images = {}
-  for img in data['images']:
-    image_id = int(img['id'])
-    if image_id in images:
-      raise CocoFormatError(f'{json_path}: duplicate image id {image_id}')
-    images[image_id] = img
+  images, anns = _normalise_annotations(data, json_path, skip)
   per_image = collections.defaultdict(list)
-  for ann in data['annotations']:
-    ann_id = ann.get('id')
-    image_id = ann.get('image_id')
-    if image_id not in images:
-      skip('annotation_unknown_image', ann_id)
+  box_only = []
+  for a in anns:
+    category = _integer(a.raw.get('category_id'))
+    if category not in label_of:
+      skip('annotation_unknown_category', a.what)
       continue
-    if ann.get('category_id') not in label_of:
-      skip('annotation_unknown_category', ann_id)
-      continue
-    img = images[image_id]
+    img = images[a.image_id]
     h, w = int(img['height']), int(img['width'])
-    bbox = ann.get('bbox')
-    if not isinstance(bbox, list) or len(bbox) != 4 or not _finite_numbers(bbox):
-      skip('annotation_bad_bbox', ann_id)  # NaN/inf or malformed
-      continue
-    x, y, bw, bh = (float(v) for v in bbox)
+    x, y, bw, bh = (float(v) for v in a.raw['bbox'])
     box = [x, y, x + bw, y + bh]
     clipped = [min(max(box[0], 0.0), w), min(max(box[1], 0.0), h),
                min(max(box[2], 0.0), w), min(max(box[3], 0.0), h)]
     if clipped != box and bw > 0 and bh > 0:
-      skip('box_clipped_to_image', ann_id)  # counted, the annotation is kept (torchvision clamps)
+      skip('box_clipped_to_image', a.what)  # counted, the annotation is kept (torchvision clamps)
     if clipped[2] - clipped[0] < MIN_BOX_SIDE or clipped[3] - clipped[1] < MIN_BOX_SIDE:
-      skip('annotation_degenerate_box', ann_id)
+      skip('annotation_degenerate_box', a.what)
       continue
-    segm = _clean_segmentation(ann.get('segmentation'), h, w, counts)
-    if segm is None:
-      skip('annotation_empty_segmentation', ann_id)
-      continue
-    area = ann.get('area', bw * bh)
-    area = float(area) if _finite_numbers([area]) else bw * bh
-    per_image[image_id].append((int(ann_id) if ann_id is not None else -1, clipped,
-                                label_of[ann['category_id']], bool(ann.get('iscrowd', 0)), area,
-                                segm))
+    if a.segmentation is None:
+      if require_masks:
+        box_only.append(a.what)
+        continue
+      skip('annotation_box_only_kept', a.what)
+    per_image[a.image_id].append((a.id, clipped, label_of[category], bool(a.iscrowd), a.area,
+                                  a.segmentation))
+  if box_only:
+    raise CocoFormatError(
+        f'{json_path}: {len(box_only)} of {len(data["annotations"])} annotations have no '
+        f'segmentation (box-only, e.g. ids {box_only[:MAX_LOGGED_EXAMPLES]}) but masks are '
+        'required. To train boxes only, pass --config.model.mask_on=False '
+        '(load_coco(..., require_masks=False)); otherwise add their masks or remove them '
+        'from the file')
 
   records = []
   for image_id, img in images.items():
@@ -233,30 +457,32 @@ def load_coco(json_path: str, image_dir: str, *, label_map: Optional[LabelMap] =
     if check_files and not os.path.isfile(path):
       skip('image_file_missing', path)
       continue
-    anns = per_image.get(image_id, [])
-    if max_instances is not None and len(anns) > max_instances:
+    anns_of = per_image.get(image_id, [])
+    if max_instances is not None and len(anns_of) > max_instances:
       skip('image_instances_capped', image_id)
-      order = sorted(range(len(anns)), key=lambda i: (anns[i][3], -anns[i][4], i))
+      order = sorted(range(len(anns_of)), key=lambda i: (anns_of[i][3], -anns_of[i][4], i))
       keep = sorted(order[:max_instances])
-      anns = [anns[i] for i in keep]
+      anns_of = [anns_of[i] for i in keep]
     records.append({
         'image_id': image_id,
         'file_name': path,
         'height': int(img['height']),
         'width': int(img['width']),
-        'boxes': np.array([a[1] for a in anns], np.float32).reshape(-1, 4),
-        'labels': np.array([a[2] for a in anns], np.int32),
-        'crowd': np.array([a[3] for a in anns], bool),
-        'areas': np.array([a[4] for a in anns], np.float32),
-        'ann_ids': np.array([a[0] for a in anns], np.int64),
-        'segmentations': [a[5] for a in anns],
+        'boxes': np.array([a[1] for a in anns_of], np.float32).reshape(-1, 4),
+        'labels': np.array([a[2] for a in anns_of], np.int32),
+        'crowd': np.array([a[3] for a in anns_of], bool),
+        'areas': np.array([a[4] for a in anns_of], np.float32),
+        'ann_ids': np.array([a[0] for a in anns_of], np.int64),
+        'segmentations': [a[5] for a in anns_of],
+        'has_mask': np.array([a[5] is not None for a in anns_of], bool),
     })
   records.sort(key=lambda r: r['image_id'])
   for reason, n in sorted(counts.items()):
-    log.warning('%s: %s: %d (e.g. %s)', json_path, reason, n, examples.get(reason, []))
+    level = logging.INFO if reason in _INFO_REASONS else logging.WARNING
+    log.log(level, '%s: %s: %d (e.g. %s)', json_path, reason, n, examples.get(reason, []))
   log.info('%s: %d images, %d annotations kept, %d categories', json_path, len(records),
            sum(len(r['labels']) for r in records), len(label_map.category_ids))
-  return CocoDataset(records, label_map, json_path, image_dir, dict(counts))
+  return CocoDataset(records, label_map, json_path, image_dir, dict(counts), signature)
 
 
 # --------------------------------------------------------------------------- masks, images
@@ -270,13 +496,18 @@ def segmentation_to_rle(segm, height: int, width: int) -> dict[str, Any]:
 
 
 def decode_masks(record: dict[str, Any]) -> np.ndarray:
-  """uint8 [N, height, width] 0/1 masks of a record, equal to pycocotools annToMask."""
+  """uint8 [N, height, width] 0/1 masks of a record, equal to pycocotools annToMask.
+
+  A box-only annotation (segmentation None) gets an all-zero mask.
+  """
   h, w = record['height'], record['width']
   segms = record['segmentations']
-  if not segms:
-    return np.zeros((0, h, w), np.uint8)
-  rles = [segmentation_to_rle(s, h, w) for s in segms]
-  return np.ascontiguousarray(np.moveaxis(mask_utils.decode(rles), -1, 0))
+  masks = np.zeros((len(segms), h, w), np.uint8)
+  present = [k for k, s in enumerate(segms) if s is not None]
+  if present:
+    rles = [segmentation_to_rle(segms[k], h, w) for k in present]
+    masks[present] = np.moveaxis(mask_utils.decode(rles), -1, 0)
+  return masks
 
 
 def to_rgb_uint8(image: Image.Image) -> np.ndarray:
@@ -298,24 +529,44 @@ def to_rgb_uint8(image: Image.Image) -> np.ndarray:
   return np.asarray(image, np.uint8).copy()
 
 
+def _exif_orientation(image: Image.Image) -> int:
+  """The EXIF Orientation of an opened image: 1 (as stored) or 2..8 (flipped and/or turned)."""
+  orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+  return orientation if orientation in range(2, 9) else 1
+
+
 def load_image(path: str, expected_hw: Optional[tuple[int, int]] = None) -> np.ndarray:
-  """Decodes an image file to uint8 [H, W, 3] RGB (EXIF orientation is ignored, as COCO does).
+  """Decodes an image file to uint8 [H, W, 3] RGB, in its displayed orientation.
+
+  Cameras store pixels as the sensor read them plus an EXIF Orientation saying how to turn them
+  for display; COCO-format annotations are drawn on the displayed image, so the orientation is
+  applied (as detectron2's reader does) for training, evaluation and prediction alike.
 
   Raises:
     ImageDecodeError: missing, unreadable, truncated or corrupt file, or a size different from
-      `expected_hw` (the JSON's height/width); the message names the file.
+      `expected_hw` (the JSON's height/width); the message names the file, and says when the
+      JSON's size is that of the raw pixels before the EXIF orientation.
   """
   try:
     with Image.open(path) as im:
       im.load()
-      arr = to_rgb_uint8(im)
+      raw_hw = (im.height, im.width)
+      orientation = _exif_orientation(im)
+      arr = to_rgb_uint8(ImageOps.exif_transpose(im) if orientation != 1 else im)
   except FileNotFoundError as e:
     raise ImageDecodeError(f'{path}: image file not found') from e
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ImageDecodeError(f'{path}: cannot decode image ({e})') from e
   if expected_hw is not None and tuple(arr.shape[:2]) != tuple(expected_hw):
-    raise ImageDecodeError(f'{path}: decoded size {arr.shape[0]}x{arr.shape[1]} differs from '
-                           f'the annotation file\'s {expected_hw[0]}x{expected_hw[1]}')
+    message = (f'{path}: decoded size {arr.shape[0]}x{arr.shape[1]} differs from the annotation '
+               f'file\'s {expected_hw[0]}x{expected_hw[1]}')
+    if orientation != 1 and raw_hw == tuple(expected_hw):
+      message += (f': its EXIF Orientation={orientation} turns the stored {raw_hw[0]}x'
+                  f'{raw_hw[1]} pixels for display, and the display orientation is used (COCO '
+                  'annotations follow it), but the JSON gives the stored size. If its boxes '
+                  'were drawn on the stored pixels, remove the EXIF Orientation tag from the '
+                  'file; otherwise correct the JSON\'s height/width')
+    raise ImageDecodeError(message)
   return arr
 
 
@@ -327,12 +578,19 @@ def record_image(record: dict[str, Any]) -> np.ndarray:
   return load_image(record['file_name'], (record['height'], record['width']))
 
 
-def verify_images(records: Sequence[dict[str, Any]]) -> list[str]:
-  """Decodes every image; returns the error messages (empty when all are fine). Slow."""
-  errors = []
-  for r in records:
+def verify_images(records: Sequence[dict[str, Any]], num_threads: Optional[int] = None
+                  ) -> list[str]:
+  """Decodes every image; returns the error messages in record order (empty when all are fine).
+
+  Slow (every file is decoded), so threads share the work: PIL decodes outside the GIL.
+  """
+  def check(r) -> Optional[str]:
     try:
       load_image(r['file_name'], (r['height'], r['width']))
     except ImageDecodeError as e:
-      errors.append(str(e))
-  return errors
+      return str(e)
+    return None
+
+  threads = num_threads or min(8, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    return [e for e in pool.map(check, records) if e is not None]

@@ -129,6 +129,24 @@ def _check_plain(obj: Any, source: str, path: str = '') -> None:
     raise UnsafePickleError(f'{source}: unexpected {type(obj).__name__} at {path or "/"}')
 
 
+def _restricted_load(unpickler: RestrictedUnpickler, source: str) -> Any:
+  """`unpickler.load()` whose every failure is one error naming `source`.
+
+  A refused global stays an `UnsafePickleError`; anything else a damaged or foreign file makes
+  the unpickler raise (`invalid load key`, EOFError, a bad memo index...) becomes a
+  `WeightsFormatError`. Catching broadly is safe: nothing outside the allow-list can have run.
+  """
+  try:
+    return unpickler.load()
+  except (UnsafePickleError, WeightsFormatError) as e:
+    if str(e).startswith(source):
+      raise
+    raise type(e)(f'{source}: {e}') from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise WeightsFormatError(f'{source}: not a pickle of numpy arrays (damaged, truncated or '
+                             f'another format: {type(e).__name__}: {e})') from e
+
+
 def load_pickle(path: str) -> Any:
   """Loads a pickle of numpy arrays and containers with `RestrictedUnpickler`."""
   with open(path, 'rb') as f:
@@ -136,7 +154,8 @@ def load_pickle(path: str) -> Any:
 
 
 def loads_pickle(data: bytes, source: str = '<bytes>') -> Any:
-  obj = RestrictedUnpickler(io.BytesIO(data), source=source).load()
+  """Raises UnsafePickleError (refused content) or WeightsFormatError, naming `source`."""
+  obj = _restricted_load(RestrictedUnpickler(io.BytesIO(data), source=source), source)
   _check_plain(obj, source)
   return obj
 
@@ -220,7 +239,8 @@ def _read_torch_zip(path: str) -> Any:
     if len(pkls) != 1:
       raise WeightsFormatError(f'{path}: not a torch zip checkpoint (no unique */data.pkl)')
     prefix = pkls[0].split('/')[0]
-    obj = _TorchZipUnpickler(io.BytesIO(zf.read(pkls[0])), zf, prefix, path).load()
+    obj = _restricted_load(_TorchZipUnpickler(io.BytesIO(zf.read(pkls[0])), zf, prefix, path),
+                           path)
   _check_plain(obj, path)
   return obj
 
@@ -287,6 +307,30 @@ def load_state_dict(path: str) -> dict[str, Array]:
   if ext in ('.pkl', '.pickle'):
     return find_state_dict(load_pickle(path), path)
   if ext == '.npz':
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
+    return _load_npz(path)
   return find_state_dict(load_torch(path), path)
+
+
+def _load_npz(path: str) -> dict[str, Array]:
+  """{name: array} of an .npz; object arrays (which would need pickle) are refused by name."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'no such checkpoint file: {path}')
+  try:
+    z = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise WeightsFormatError(f'{path}: not a readable .npz file ({e})') from e
+  if not isinstance(z, np.lib.npyio.NpzFile):
+    raise WeightsFormatError(f'{path}: holds a single array, not an .npz archive of named '
+                             'arrays')
+  out = {}
+  with z:
+    for k in z.files:
+      try:
+        out[k] = z[k]
+      except ValueError as e:  # 'Object arrays cannot be loaded when allow_pickle=False'
+        raise WeightsFormatError(f'{path}: array {k!r} is an object array, refused (loading it '
+                                 'would unpickle arbitrary objects); save plain numeric '
+                                 'arrays') from e
+      except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise WeightsFormatError(f'{path}: array {k!r} cannot be read ({e})') from e
+  return out

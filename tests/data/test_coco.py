@@ -125,7 +125,6 @@ def test_bad_polygons_nan_negative_and_degenerate_boxes(tmp_path):
       ann(5, 1, 3, [-5, -3, 20, 10], [[-5, -3, 15, -3, 15, 7]]),  # clipped to the image
       ann(6, 1, 3, [4, 4, 0, 6]),  # zero width
       ann(7, 1, 3, [4, 4, 6, 0.5]),  # under a pixel tall
-      ann(8, 1, 3, [4, 4, 6, 6], []),  # empty segmentation
       ann(9, 1, 3, [4, 4, 6, 6], rle_of(np.ones((5, 5), np.uint8))),  # RLE of another size
       ann(10, 1, 3, [4, 4, 6, 6], [[1, 1, 'x', 1, 9, 9]]),
       ann(11, 1, 3, [25, 15, 10, 10]),  # runs off the image: clipped, 5x5 left
@@ -140,7 +139,7 @@ def test_bad_polygons_nan_negative_and_degenerate_boxes(tmp_path):
   assert masks[1].sum() > 0 and np.isfinite(r['boxes']).all()
   assert ds.stats == {
       'polygon_part_too_short_dropped': 2, 'polygon_part_nonfinite_dropped': 2,
-      'annotation_empty_segmentation': 5, 'annotation_bad_bbox': 1,
+      'annotation_empty_segmentation': 4, 'annotation_bad_bbox': 1,
       'annotation_degenerate_box': 2, 'box_clipped_to_image': 2, 'rle_size_mismatch_dropped': 1}
 
 

@@ -20,6 +20,17 @@ def test_resize_shape_hand_values(h, w, mn, mx, expected):
   assert T.resize_shape(h, w, mn, mx) == expected
 
 
+@pytest.mark.parametrize('h,w,expected', [
+    (2, 3000, (1, 1333)),  # 2 * 1333/3000 = 0.89 floors to 0
+    (3000, 2, (1333, 1)),
+    (1, 100000, (1, 1333)),
+])
+def test_resize_shape_keeps_extreme_aspect_ratios_at_least_one_pixel(h, w, expected):
+  assert T.resize_shape(h, w, 800, 1333) == expected
+  out = T.resize_image(np.ones((h, w, 3), np.uint8), *expected)
+  assert out.shape == expected + (3,) and (out == 1).all()
+
+
 def test_resize_image_hand_values():
   img = np.array([[0., 1.], [2., 3.]], np.float32)
   up = T.resize_image(img, 4, 4)

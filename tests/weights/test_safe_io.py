@@ -130,3 +130,54 @@ def test_torch_reader_legacy_format_needs_torch(tmp_path):
   path.write_bytes(b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.')  # pre-1.6 magic number
   with pytest.raises(safe_io.WeightsFormatError, match='legacy.*needs torch'):
     safe_io.load_torch(str(path), use_torch=False)
+
+
+@pytest.mark.parametrize('seed', range(8))
+def test_random_bytes_pickle_is_one_error_naming_the_file(tmp_path, seed):
+  path = tmp_path / f'random{seed}.pkl'
+  path.write_bytes(np.random.default_rng(seed).integers(0, 256, 256, dtype=np.uint8).tobytes())
+  with pytest.raises((safe_io.WeightsFormatError, safe_io.UnsafePickleError)) as e:
+    safe_io.load_state_dict(str(path))
+  assert str(e.value).startswith(str(path))
+
+
+def test_damaged_pickles_name_the_file(tmp_path):
+  good = pickle.dumps({'w': np.arange(6, dtype=np.float32)}, protocol=2)
+  cases = {'invalid_key.pkl': b'\xff' + good[1:], 'truncated.pkl': good[:len(good) // 2],
+           'empty.pkl': b''}
+  for name, data in cases.items():
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(safe_io.WeightsFormatError, match='not a pickle of numpy arrays') as e:
+      safe_io.load_pickle(str(tmp_path / name))
+    assert str(e.value).startswith(str(tmp_path / name)), name
+  # A refused numpy construct raised outside find_class also names the source.
+  with pytest.raises(safe_io.UnsafePickleError, match=r'^w\.pkl: .*object'):
+    safe_io.loads_pickle(pickle.dumps(np.array([1, 'a'], dtype=object)), source='w.pkl')
+
+
+def test_torch_zip_with_damaged_data_pkl_names_the_file(tmp_path):
+  path = tmp_path / 'damaged.pth'
+  with zipfile.ZipFile(path, 'w') as zf:
+    zf.writestr('archive/data.pkl', b'\x80\x02garbage')
+  with pytest.raises(safe_io.WeightsFormatError, match='damaged.pth'):
+    safe_io.load_torch(str(path), use_torch=False)
+
+
+def test_npz_errors_name_the_file(tmp_path):
+  obj = tmp_path / 'objects.npz'
+  np.savez(obj, w=np.zeros(3, np.float32), names=np.array([{'a': 1}], dtype=object))
+  with pytest.raises(safe_io.WeightsFormatError, match=r"objects\.npz: array 'names' is an "
+                     'object array'):
+    safe_io.load_state_dict(str(obj))
+  garbage = tmp_path / 'garbage.npz'
+  garbage.write_bytes(b'this is not a zip archive' * 4)
+  with pytest.raises(safe_io.WeightsFormatError, match=r'garbage\.npz: not a readable \.npz'):
+    safe_io.load_state_dict(str(garbage))
+  single = tmp_path / 'single.npz'
+  with open(single, 'wb') as f:
+    np.save(f, np.zeros(2))  # an .npy under an .npz name
+  with pytest.raises(safe_io.WeightsFormatError, match=r'single\.npz: holds a single array'):
+    safe_io.load_state_dict(str(single))
+  good = tmp_path / 'good.npz'
+  np.savez(good, w=np.arange(4, dtype=np.int32))
+  np.testing.assert_array_equal(safe_io.load_state_dict(str(good))['w'], np.arange(4))
