@@ -1,17 +1,18 @@
 """Mask R-CNN, ResNet-50-FPN, COCO 1x schedule, torchvision-style defaults (91 labels).
 
     maskrcnn-jax train --config=configs/maskrcnn_r50_fpn.py --workdir=runs/r50 \
-        --config.data.train_json=... --config.data.train_images=...
+        --config.data.train_json=instances_train2017.json --config.data.train_images=train2017 \
+        --config.data.val_json=instances_val2017.json --config.data.val_images=val2017
 
 Expected: about 37.9 box AP / 34.6 mask AP on COCO val2017 after the 1x schedule (the
-torchvision v1 reference). `get_config('tiny')` is the same code path at toy sizes for tests.
+torchvision v1 reference). The COCO paths have no default: `train` and `evaluate` stop at
+start-up naming the missing field. `get_config('tiny')` is the same code path at toy sizes on
+the built-in shapes data, for tests.
 """
 
 import ml_collections
 
-# torchvision's ImageNet statistics, expressed in 0..255 pixel units (RGB).
-TORCHVISION_PIXEL_MEAN = (123.675, 116.28, 103.53)
-TORCHVISION_PIXEL_STD = (58.395, 57.12, 57.375)
+from maskrcnn_jax import structures
 
 
 def get_config(mode: str = '') -> ml_collections.ConfigDict:
@@ -91,10 +92,6 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   m.mask_head.conv_dim = 256
   m.mask_head.num_convs = 4
   m.mask_head.resolution = 28  # 2 x mask_output_size after the deconv
-  # Training runs the mask head only on the chunks of this many foreground slots per image that
-  # hold a real foreground RoI (a runtime-length loop; ops/losses.active_rows_loss), as
-  # torchvision runs it on exactly the foreground RoIs; 0 runs all 128 static slots at once.
-  m.mask_head.loss_chunk = 16
 
   m.test = ml_collections.ConfigDict()
   m.test.score_thresh = 0.05
@@ -109,8 +106,8 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   i.max_size = 1333
   i.train_min_sizes = (800,)  # multi-scale jitter: one is drawn per image
   i.channel_order = 'RGB'  # 'BGR' for detectron2 MSRA weights
-  i.pixel_mean = TORCHVISION_PIXEL_MEAN
-  i.pixel_std = TORCHVISION_PIXEL_STD
+  i.pixel_mean = structures.TORCHVISION_PIXEL_MEAN
+  i.pixel_std = structures.TORCHVISION_PIXEL_STD
   # Padded (height, width) size buckets, each divisible by 32; one compile per bucket.
   i.buckets = ((800, 1344), (1344, 800), (800, 800))
   i.max_instances = 100
@@ -123,11 +120,11 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
-  d.source = 'shapes'  # 'shapes' | 'coco' (TFDS records: data.tfds_builder.records_from_tfds)
+  d.source = 'coco'  # 'coco' | 'shapes' (TFDS records: data.tfds_builder.records_from_tfds)
   # 'contiguous': labels 1..K in ascending category id; 'category_id': the raw COCO id is the
   # label (torchvision's 91-class space, for converted torchvision weights).
   d.label_space = 'category_id'  # num_classes = 91 is torchvision's COCO label space
-  d.root = 'data/shapes'
+  d.root = 'data/shapes'  # data.source='shapes' only
   d.train_images = ''
   d.train_json = ''
   d.val_images = ''
@@ -135,6 +132,11 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   d.shapes_num_train = 1000
   d.shapes_num_val = 100
   d.shapes_size = 256
+  # Decode every training image before training and fail listing the bad ones (slow: opt-in).
+  d.verify_images = False
+  # Default 10: undecodable training images skipped at run time, each replaced by another image
+  # of its size bucket, before training stops listing them (counted per loader process).
+  d.max_bad_images = 10
 
   # ---------------------------------------------------------------- optimisation
   o = c.optim = ml_collections.ConfigDict()
@@ -162,7 +164,22 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   # loaded, and the stem is adapted to this config's channel order and pixel statistics.
   r.pretrained_backbone = ''
   r.init_checkpoint = ''  # explicit checkpoint; a checkpoint in the workdir takes precedence
+  # Use a checkpoint whose stored model structure or input normalisation differs from this
+  # config (refused otherwise; shape differences are always refused). It warns naming the fields.
+  r.allow_config_mismatch = False
   r.distributed = False  # call jax.distributed.initialize() (multi-host)
+
+  # ---------------------------------------------------------------- execution
+  # How the model is computed, not what it computes: never stored as part of the model's
+  # structure, free to change between runs and on resume.
+  e = c.execution = ml_collections.ConfigDict()
+  # 'auto' | 'xla' | 'cpu': 'cpu' are the XLA:CPU forms of maskrcnn_jax/backends, 'xla' the
+  # plain JAX program (GPUs and TPUs); 'auto' picks 'cpu' when JAX's default backend is the CPU.
+  e.backend = 'auto'
+  # With the 'cpu' backend the mask loss runs the head only on the chunks of this many
+  # foreground slots per image that hold a real RoI (torchvision runs it on exactly the
+  # foreground RoIs); 0 runs all static slots at once, as the 'xla' backend always does.
+  e.mask_loss_chunk = 16
 
   if mode == 'tiny':
     _make_tiny(c)
@@ -190,7 +207,7 @@ def _make_tiny(c: ml_collections.ConfigDict) -> None:
   m.box_head.fc_dim = 32
   m.mask_head.conv_dim = 16
   m.mask_head.num_convs = 2
-  m.mask_head.loss_chunk = 4
+  c.execution.mask_loss_chunk = 4
   m.test.detections_per_img = 10
   c.input.min_size = 64
   c.input.max_size = 96
@@ -200,6 +217,7 @@ def _make_tiny(c: ml_collections.ConfigDict) -> None:
   c.input.gt_mask_size = 28
   c.input.batch_size = 2
   c.input.num_workers = 0
+  c.data.source = 'shapes'
   c.data.label_space = 'contiguous'
   c.data.shapes_num_train = 16
   c.data.shapes_num_val = 8

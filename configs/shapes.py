@@ -10,6 +10,8 @@ on the validation split) and writes prediction pictures into the workdir. Expect
 
 from configs import maskrcnn_r50_fpn
 
+# A diff of the base: only the fields below differ from configs/maskrcnn_r50_fpn.py.
+
 
 def get_config(mode: str = ''):
   c = maskrcnn_r50_fpn.get_config()
@@ -45,13 +47,11 @@ def get_config(mode: str = ''):
   d = c.data
   d.source = 'shapes'
   d.label_space = 'contiguous'
-  d.root = 'data/shapes'
   d.shapes_num_train = 2000
   d.shapes_num_val = 100
   d.shapes_size = 128
 
   o = c.optim
-  o.base_lr = 0.02
   o.base_batch_size = 8
   o.warmup_steps = 100
   o.num_steps = 1600
@@ -65,7 +65,6 @@ def get_config(mode: str = ''):
 
   if mode == 'tiny':
     maskrcnn_r50_fpn._make_tiny(c)  # pylint: disable=protected-access
-    c.data.shapes_size = 64
   elif mode:
     raise ValueError(f'unknown config mode {mode!r}; expected "" or "tiny"')
   return c

@@ -97,32 +97,128 @@ def restore_variables(directory: str, abstract_variables: Any, config=None,
 
 
 def check_model_config(meta: dict, config, directory: str) -> None:
-  stored = meta.get('model_config')
-  if stored is None:
+  """Refuses a checkpoint whose stored structure differs from `config`'s.
+
+  Compared: `config.model` and the input normalisation (`structure_meta`). A difference that
+  changes a variable's shape is always refused (the shape-relevant fields are found by building
+  the variable shapes of the stored and the current config, not from a list). Any other
+  difference changes the function the weights compute (`stride_in_1x1`, anchor sizes,
+  `roi.aligned`, the channel order and pixel statistics...) and is refused too, unless
+  `config.run.allow_config_mismatch` is True, which warns naming the fields. Exempt: the
+  training-only fields of `TRAINING_ONLY_FIELDS` and the inference thresholds `model.test.*`
+  (logged at INFO), and the execution knobs, which are not part of the structure.
+  """
+  stored_model = meta.get('model_config')
+  if stored_model is None:
     return
-  current = model_config_json(config)
-  diffs = sorted(_diff(stored, current))
-  shape_fields = [d for d in diffs if _shape_relevant(d[0])]
-  if shape_fields:
-    lines = ', '.join(f'model.{k}: checkpoint {a!r} vs config {b!r}' for k, a, b in shape_fields)
-    raise CheckpointError(f'checkpoint {directory} was written for a different model: {lines}')
-  if diffs:
-    logging.info('checkpoint %s model config differs in non-shape fields: %s', directory,
-                 ', '.join(d[0] for d in diffs))
+  current = structure_meta(config)
+  stored = {'model': stored_model, 'input': meta.get('input_config')}
+  if stored['input'] is None:  # written before the normalisation was stored: cannot check it
+    stored['input'] = current['input_config']
+  diffs = sorted(_diff(stored, {'model': current['model_config'],
+                                'input': current['input_config']}))
+  diffs = [d for d in diffs if d[0] not in _MOVED_FIELDS]
+  if not diffs:
+    return
+  shape_fields = _shape_fields(config, stored_model,
+                               [d for d in diffs if d[0].startswith('model.')])
+
+  def lines(ds):
+    return ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, a, b in ds)
+  shaped = [d for d in diffs if d[0] in shape_fields]
+  if shaped:
+    raise CheckpointError(f'checkpoint {directory} was written for a different model (variable '
+                          f'shapes differ): {lines(shaped)}')
+  free = [d for d in diffs if d[0].startswith('model.test.') or d[0] in TRAINING_ONLY_FIELDS]
+  structural = [d for d in diffs if d not in free]
+  if free:
+    logging.info('checkpoint %s: inference/training settings differ from the config (allowed): '
+                 '%s', directory, lines(free))
+  if not structural:
+    return
+  if not bool(config.run.get('allow_config_mismatch', False)):
+    raise CheckpointError(
+        f'checkpoint {directory} was written with a different model structure, which changes '
+        f'what its weights compute: {lines(structural)}. Fix the config, or pass '
+        '--config.run.allow_config_mismatch=True to use the weights anyway')
+  logging.warning('checkpoint %s: using weights written for a different structure '
+                  '(run.allow_config_mismatch=True): %s', directory, lines(structural))
 
 
-# Config fields that change variable shapes; others (thresholds, top-k) may differ freely.
-_SHAPE_PREFIXES = ('num_classes', 'mask_on', 'backbone.depth', 'backbone.width', 'fpn.',
-                   'anchors.aspect_ratios', 'box_head.', 'mask_head.conv_dim',
-                   'mask_head.num_convs', 'mask_head.resolution', 'roi.box_output_size',
-                   'roi.mask_output_size')
+# Fields that only change how a model is trained, not what its weights compute at inference.
+TRAINING_ONLY_FIELDS = frozenset(
+    f'model.{k}' for k in (
+        'backbone.freeze_at', 'rpn.pre_nms_topk_train', 'rpn.post_nms_topk_train',
+        'rpn.fg_iou_thresh', 'rpn.bg_iou_thresh', 'rpn.allow_low_quality_matches',
+        'rpn.batch_size_per_image', 'rpn.positive_fraction', 'rpn.box_loss',
+        'rpn.smooth_l1_beta', 'roi.fg_iou_thresh', 'roi.bg_iou_thresh',
+        'roi.batch_size_per_image', 'roi.positive_fraction', 'roi.box_loss',
+        'roi.smooth_l1_beta', 'roi.ignore_crowd', 'roi.crowd_ioa_thresh'))
+# Stored by older versions under `model`, now execution knobs (`config.execution`).
+_MOVED_FIELDS = frozenset({'model.mask_head.loss_chunk'})
 
 
-def _shape_relevant(key: str) -> bool:
-  return any(key == p or key.startswith(p) for p in _SHAPE_PREFIXES)
+def structure_meta(config) -> dict:
+  """What a checkpoint stores of its config's structure: `model_config` (all of
+  `config.model`) and `input_config` (the channel order and pixel statistics the weights
+  expect)."""
+  i = config.input
+  return {'model_config': model_config_json(config),
+          'input_config': {'channel_order': str(i.channel_order),
+                           'pixel_mean': [float(v) for v in i.pixel_mean],
+                           'pixel_std': [float(v) for v in i.pixel_std]}}
+
+
+def _variable_shapes(config) -> dict:
+  from maskrcnn_jax.modeling import mask_rcnn  # pylint: disable=g-import-not-at-top
+  tree = jax.eval_shape(lambda: mask_rcnn.init_variables(config, jax.random.key(0)))
+  return {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _with_model_fields(config, stored_model: dict, fields):
+  """`config` with the given `model.*` fields set to their stored values, or None if the
+  stored values cannot be set (a field this version does not have)."""
+  out = config.copy_and_resolve_references()
+  try:
+    for field in fields:
+      node = out.model
+      keys = field.split('.')[1:]
+      value = stored_model
+      for k in keys:
+        value = value[k]
+      for k in keys[:-1]:
+        node = node[k]
+      node[keys[-1]] = _normalise(value)
+  except (KeyError, TypeError, AttributeError, ValueError):
+    return None
+  return out
+
+
+def _shape_fields(config, stored_model: dict, diffs) -> set:
+  """The differing `model.*` fields that change a variable shape, each found by building the
+  variable shapes with only that field at its stored value."""
+  if not diffs:
+    return set()
+  current = _variable_shapes(config)
+  whole = _with_model_fields(config, stored_model, [d[0] for d in diffs])
+  try:
+    if whole is not None and _variable_shapes(whole) == current:
+      return set()
+  except Exception:  # pylint: disable=broad-except  (an invalid combination: test one by one)
+    pass
+  out = set()
+  for field, _, _ in diffs:
+    one = _with_model_fields(config, stored_model, [field])
+    try:
+      if one is None or _variable_shapes(one) != current:
+        out.add(field)
+    except Exception:  # pylint: disable=broad-except  (cannot build it: treat it as structural)
+      out.add(field)
+  return out
 
 
 def _diff(a, b, prefix=''):
+  """(dotted field, a's value, b's value) for every leaf where two nested dicts differ."""
   if isinstance(a, dict) and isinstance(b, dict):
     for k in set(a) | set(b):
       yield from _diff(a.get(k), b.get(k), f'{prefix}{k}' if not prefix else f'{prefix}.{k}')

@@ -31,9 +31,15 @@ from typing import Any, Sequence
 
 import ml_collections
 
+# torchvision's ImageNet statistics in 0..255 pixel units (RGB): the default normalisation and
+# that of converted torchvision weights.
+TORCHVISION_PIXEL_MEAN = (123.675, 116.28, 103.53)
+TORCHVISION_PIXEL_STD = (58.395, 57.12, 57.375)
+
 ROI_OPS = ('align', 'pool')
 BACKBONE_DEPTHS = (18, 34, 50, 101, 'tiny')
 DTYPES = ('float32', 'bfloat16')
+DATA_SOURCES = ('coco', 'shapes')
 SIZE_DIVISIBILITY = 32  # the coarsest backbone stride before P6; buckets must be multiples
 
 
@@ -78,9 +84,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if m.mask_head.resolution != 2 * m.roi.mask_output_size:
     _fail('model.mask_head.resolution', m.mask_head.resolution,
           'must be 2 x model.roi.mask_output_size (one 2x deconv)')
-  if int(m.mask_head.loss_chunk) < 0:
-    _fail('model.mask_head.loss_chunk', m.mask_head.loss_chunk,
-          'must be >= 0 (0: the mask head runs on every foreground slot)')
   for name in ('rpn.fg_iou_thresh', 'rpn.bg_iou_thresh', 'roi.fg_iou_thresh',
                'roi.bg_iou_thresh', 'rpn.nms_thresh', 'test.nms_thresh',
                'rpn.positive_fraction', 'roi.positive_fraction'):
@@ -92,6 +95,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if m[group].box_loss not in ('smooth_l1', 'l1'):
       _fail(f'model.{group}.box_loss', m[group].box_loss, "expected 'smooth_l1' or 'l1'")
   _validate_input(config.input)
+  _validate_execution(config.execution)
+
+
+def _validate_execution(e: ml_collections.ConfigDict) -> None:
+  from maskrcnn_jax import backends  # pylint: disable=g-import-not-at-top
+  if e.backend not in backends.BACKENDS:
+    _fail('execution.backend', e.backend, f'expected one of {backends.BACKENDS}')
+  if int(e.mask_loss_chunk) < 0:
+    _fail('execution.mask_loss_chunk', e.mask_loss_chunk,
+          'must be >= 0 (0: the mask head runs on every foreground slot)')
+
+
+def validate_data(config: ml_collections.ConfigDict, splits: Sequence[str]) -> None:
+  """Checks that `config.data` names the files of `splits` ('train', 'val'); raises
+  ConfigError naming the missing field (at start-up, before anything is built)."""
+  d = config.data
+  if d.source not in DATA_SOURCES:
+    _fail('data.source', d.source, f'expected one of {DATA_SOURCES}')
+  if d.source != 'coco':
+    return
+  for split in splits:
+    for field in (f'{split}_json', f'{split}_images'):
+      if not d[field]:
+        _fail(f'data.{field}', d[field],
+              "must be set for data.source='coco' (for example "
+              f"--config.data.{field}=PATH); the built-in synthetic data is "
+              "--config=configs/shapes.py")
 
 
 def _validate_input(i: ml_collections.ConfigDict) -> None:

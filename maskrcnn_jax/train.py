@@ -6,8 +6,6 @@ run.pretrained_backbone > scratch) -> host memory -> the loop (logging, NaN stop
 checkpoints, eval).
 """
 
-import ctypes
-import ctypes.util
 import functools
 import json
 import logging
@@ -26,6 +24,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from maskrcnn_jax import checkpoint as ckpt
+from maskrcnn_jax.backends import host
 from maskrcnn_jax import structures
 from maskrcnn_jax.modeling import mask_rcnn
 
@@ -111,7 +110,7 @@ class TrainState:
 def create_train_state(config, model, optimizer_fn, key, image_hw) -> TrainState:
   """Pure: builds the initial state (used under jax.eval_shape and jit)."""
   init_key, state_key = jax.random.split(key)
-  variables = mask_rcnn.init_variables(config, init_key, image_hw)
+  variables = mask_rcnn.init_variables(config, init_key, image_hw, model=model)
   params = variables['params']
   tx = optimizer_fn(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -217,24 +216,7 @@ def _load_init_variables(config, state: TrainState) -> TrainState:
   return state
 
 
-# ============================================================================ host memory
-
 _COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
-
-
-def release_host_memory() -> bool:
-  """Returns the C heap's free pages to the OS (glibc `malloc_trim`); False where unavailable.
-
-  XLA's compiler frees ~0.7 GB after compiling the R50-FPN train step, but glibc keeps those
-  pages, so the process would carry them through training (measured: RSS 1.64 GB -> 0.90 GB
-  after the trim, and the steps' peak 3.78 GB -> 2.86 GB; `experiments/benchmarks/bench_model.py`).
-  The loop calls this after every step that compiled.
-  """
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    return bool(libc.malloc_trim(0))
-  except (OSError, AttributeError):  # not glibc
-    return False
 
 
 # ============================================================================ the loop
@@ -297,22 +279,25 @@ def _restore(manager, state: TrainState, train_iter, workdir: str, config) -> Tr
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        train_iter=None, evaluate_fn: Optional[Callable] = None,
-                       num_steps: Optional[int] = None) -> dict:
+                       num_steps: Optional[int] = None, model=None) -> dict:
   """Trains `config` in `workdir` (resuming from it when it holds a checkpoint).
 
   `train_iter` (an iterator of host-local batches with get_state/set_state) and `evaluate_fn`
-  (called as evaluate_fn(state, step) -> metrics) default to the configured dataset and the
+  (called as evaluate_fn(variables, step) -> metrics) default to the configured dataset and the
   COCO evaluator. `num_steps` overrides `config.optim.num_steps` as the stopping step (tests).
+  `model` defaults to `mask_rcnn.build_model(config)` (pass one with heads of your own).
   Returns the last logged metrics (and evaluation metrics when evaluated).
   """
   structures.validate_config(config)
+  if train_iter is None:
+    structures.validate_data(config, ('train', 'val') if _evaluates(config) else ('train',))
   if config.run.distributed:
     jax.distributed.initialize()
   os.makedirs(workdir, exist_ok=True)
   total_steps = int(num_steps if num_steps is not None else config.optim.num_steps)
 
   # ---- input
-  meta = {'model_config': ckpt.model_config_json(config), 'source': 'train'}
+  meta = {**ckpt.structure_meta(config), 'source': 'train'}
   host_batch_size = per_host_batch_size(config)  # checks the batch divides over the devices
   owns_iterator = train_iter is None
   if owns_iterator:
@@ -322,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # ---- model and state
   mesh = make_mesh()
-  model = mask_rcnn.build_model(config)
+  model = model if model is not None else mask_rcnn.build_model(config)
   bucket = tuple(config.input.buckets[0])
   state, state_shardings, optimizer = init_state(config, model, mesh, bucket)
   manager = ckpt.make_manager(workdir, max_to_keep=config.run.keep_checkpoints)
@@ -364,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state, metrics = step_fn(state, batch)
         if compiles:
           compiles.clear()
-          release_host_memory()
+          host.release_host_memory()
         step += 1
         n_images += config.input.batch_size
         if pending is not None:
@@ -389,9 +374,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if preemption.requested:
           break
         if config.run.eval_every and step % config.run.eval_every == 0 and step < total_steps:
-          last_metrics.update(_evaluate(config, state, step, workdir, writer, evaluate_fn, meta))
+          last_metrics.update(_evaluate(config, state, step, workdir, writer, evaluate_fn, meta,
+                                        model))
       if not preemption.requested and config.run.eval_at_end:
-        last_metrics.update(_evaluate(config, state, step, workdir, writer, evaluate_fn, meta))
+        last_metrics.update(_evaluate(config, state, step, workdir, writer, evaluate_fn, meta,
+                                      model))
     finally:
       jax.monitoring.unregister_event_duration_listener(on_compile)
       manager.wait_until_finished()
@@ -405,11 +392,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return last_metrics
 
 
-def _evaluate(config, state, step, workdir, writer, evaluate_fn, meta) -> dict:
+def _evaluates(config) -> bool:
+  return bool(config.run.eval_every or config.run.eval_at_end)
+
+
+def _evaluate(config, state, step, workdir, writer, evaluate_fn, meta, model) -> dict:
   if evaluate_fn is None:
-    from maskrcnn_jax.evaluation import coco_eval  # pylint: disable=g-import-not-at-top
-    evaluate_fn = functools.partial(coco_eval.evaluate_config, config, workdir=workdir,
-                                    meta=meta, summary_writer=writer)
+    from maskrcnn_jax import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate_fn = functools.partial(evaluate.evaluate_config, config, workdir=workdir,
+                                    meta=meta, summary_writer=writer, model=model)
   variables = jax.device_get(state.variables)
   metrics = evaluate_fn(variables, step) or {}
   logging.info('step %d eval: %s', step, json.dumps(metrics, sort_keys=True))

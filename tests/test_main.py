@@ -1,7 +1,6 @@
 """End to end through the CLI: shapes -> train (tiny) -> evaluate -> predict, in subprocesses."""
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -10,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskrcnn_jax import main
 from synthetic import REPO
 
 
@@ -66,39 +64,3 @@ def test_unknown_subcommand_is_a_usage_error():
   proc = subprocess.run([sys.executable, '-m', 'maskrcnn_jax', 'fly'], cwd=REPO,
                         capture_output=True, text=True, check=False)
   assert proc.returncode != 0 and 'usage: maskrcnn-jax' in proc.stderr
-
-
-def test_huge_page_malloc_env():
-  madvise, glibc = 'madvise', ('glibc', '2.36')
-  env = main.huge_page_malloc_env({'HOME': '/h'}, glibc, madvise)
-  assert env == {'HOME': '/h', 'GLIBC_TUNABLES': main.HUGE_PAGE_TUNABLE}
-  # Other tunables are kept.
-  env = main.huge_page_malloc_env({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, glibc, madvise)
-  assert env['GLIBC_TUNABLES'] == f'glibc.malloc.arena_max=2:{main.HUGE_PAGE_TUNABLE}'
-  # Nothing to change: already set (also the re-executed process), opted out, THP always/never
-  # or absent, not glibc, glibc before 2.35 (no such tunable).
-  for environ, libc, thp in [({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, glibc, madvise),
-                             ({main.MALLOC_ENV: 'default'}, glibc, madvise),
-                             ({}, glibc, 'always'), ({}, glibc, 'never'), ({}, glibc, None),
-                             ({}, ('', ''), madvise), ({}, ('glibc', '2.31'), madvise),
-                             ({}, ('glibc', '2.x'), madvise)]:
-    assert main.huge_page_malloc_env(environ, libc, thp) is None, (environ, libc, thp)
-  with pytest.raises(ValueError, match=main.MALLOC_ENV):
-    main.huge_page_malloc_env({main.MALLOC_ENV: 'jemalloc'}, glibc, madvise)
-
-
-@pytest.mark.parametrize('choice', ['hugepage', 'default'])
-def test_reexec_sets_the_tunable_only_where_it_helps(choice):
-  code = ('import os, sys; sys.path.insert(0, os.getcwd()); from maskrcnn_jax import main; '
-          'main.reexec_with_huge_page_malloc(); '
-          'print("tunables=" + os.environ.get("GLIBC_TUNABLES", ""))')
-  environ = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
-  environ[main.MALLOC_ENV] = choice
-  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=environ,
-                        capture_output=True, text=True, check=True)
-  expected = None
-  if sys.platform == 'linux':
-    thp_mode = main._thp_mode()  # pylint: disable=protected-access
-    expected = main.huge_page_malloc_env(environ, platform.libc_ver(), thp_mode)
-  tunables = expected['GLIBC_TUNABLES'] if expected else ''
-  assert proc.stdout.strip().splitlines() == [f'tunables={tunables}']

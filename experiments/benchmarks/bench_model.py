@@ -12,7 +12,7 @@ Compile time (our first call) is reported separately from the steady-state media
 is reported twice: over the whole process (compilation and first step included) and over the
 timed steps only (the kernel's VmHWM, restarted after the first call). After the first call both
 train cases return the C heap's free pages to the OS (glibc malloc_trim), as our train loop
-does after every step that compiled (`train.release_host_memory`). `--cpu_memory_scheduler` runs
+does after every step that compiled (`backends.host.release_host_memory`). `--cpu_memory_scheduler` runs
 our cases with XLA:CPU's memory-minimising op order (less memory, slower on 2 cores). The
 script restarts itself with glibc's huge-page malloc as the `maskrcnn-jax` CLI does, for both
 frameworks' cases; `MASKRCNN_JAX_MALLOC=default` keeps the C library's default allocator.
@@ -27,8 +27,9 @@ config's warm-up rate in these first steps (lr 0.02 diverges to NaN on random we
 The last column counts foreground RoIs. torchvision runs its mask head on exactly those; with
 random weights on this input they are only the 8 ground-truth boxes per image (a trained RPN
 yields many more, up to 128). Ours has 128 static foreground slots per image (512 sampled x
-0.25) and runs the head on the chunks of `mask_head.loss_chunk` (16) slots that hold one
-(`ops/losses.active_rows_loss`): here one chunk per image.
+0.25) and, with the CPU backend, runs the head on the chunks of `execution.mask_loss_chunk`
+(16) slots that hold one (`backends/cpu_rows.py`): here one chunk per image. `--backend=xla`
+times our plain JAX program (what GPUs and TPUs run) instead of the XLA:CPU forms.
 """
 
 import argparse
@@ -119,12 +120,13 @@ def _torch_model():
   return mask_rcnn.MaskRCNN(backbone, num_classes=91)
 
 
-def _jax_setup():
+def _jax_setup(backend: str = 'auto'):
   import jax  # pylint: disable=g-import-not-at-top
   from configs import maskrcnn_r50_fpn  # pylint: disable=g-import-not-at-top
   from maskrcnn_jax.modeling import mask_rcnn  # pylint: disable=g-import-not-at-top
   config = maskrcnn_r50_fpn.get_config()
   config.input.buckets = ((HEIGHT, WIDTH),)
+  config.execution.backend = backend
   variables = None
   # The torchvision weights come from a child process, so that this process never imports
   # torch: its peak RSS is then ours alone (torch and its state dict add ~1.4 GB).
@@ -144,12 +146,12 @@ def _jax_setup():
   return config, variables, source
 
 
-def run_case(case: str, repeats: int) -> dict:
+def run_case(case: str, repeats: int, backend: str = 'auto') -> dict:
   result = {'case': case}
   if case == 'jax-infer':
     import jax  # pylint: disable=g-import-not-at-top
     from maskrcnn_jax import predictor  # pylint: disable=g-import-not-at-top
-    config, variables, result['weights'] = _jax_setup()
+    config, variables, result['weights'] = _jax_setup(backend)
     pred = predictor.Predictor(config, variables)
     image = _image()
     t0 = time.perf_counter()
@@ -182,10 +184,11 @@ def run_case(case: str, repeats: int) -> dict:
   elif case.startswith('jax-train'):
     import jax  # pylint: disable=g-import-not-at-top
     from maskrcnn_jax import train  # pylint: disable=g-import-not-at-top
+    from maskrcnn_jax.backends import host  # pylint: disable=g-import-not-at-top
     from maskrcnn_jax.data import transforms  # pylint: disable=g-import-not-at-top
     from maskrcnn_jax.modeling import mask_rcnn  # pylint: disable=g-import-not-at-top
     batch_size = int(case.rsplit('-', 1)[1])
-    config, variables, result['weights'] = _jax_setup()
+    config, variables, result['weights'] = _jax_setup(backend)
     config.input.batch_size = batch_size
     mesh = train.make_mesh(jax.devices()[:1])
     model = mask_rcnn.build_model(config)
@@ -200,7 +203,7 @@ def run_case(case: str, repeats: int) -> dict:
     state, metrics = step(state, gbatch)
     jax.block_until_ready(metrics)
     result['first_call_s'] = time.perf_counter() - t0
-    train.release_host_memory()  # as the train loop does after a step that compiled
+    host.release_host_memory()  # as the train loop does after a step that compiled
     steady = _reset_peak_rss()  # the steps' own peak, without compilation and first call
     times = []
     for _ in range(repeats):
@@ -307,8 +310,8 @@ def _gpu_memory() -> dict:
 def main() -> None:
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
-  from maskrcnn_jax import main as cli  # pylint: disable=g-import-not-at-top
-  cli.reexec_with_huge_page_malloc()  # as the CLI does; the cases' subprocesses inherit it
+  from maskrcnn_jax.backends import host  # pylint: disable=g-import-not-at-top
+  host.reexec_with_huge_page_malloc()  # as the CLI does; the cases' subprocesses inherit it
   parser = argparse.ArgumentParser()
   parser.add_argument('--only', choices=CASES)
   parser.add_argument('--repeats', type=int, default=5)
@@ -316,6 +319,8 @@ def main() -> None:
   parser.add_argument('--cpu_memory_scheduler', action='store_true',
                       help='run our cases with XLA:CPU\'s memory-minimising scheduler '
                       f'(XLA_FLAGS={MEMORY_SCHEDULER_FLAG})')
+  parser.add_argument('--backend', default='auto', choices=('auto', 'xla', 'cpu'),
+                      help="our cases' execution.backend ('xla': the plain program)")
   parser.add_argument('--dump_torch_state', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.dump_torch_state:  # child of _jax_setup: the random torchvision model's weights
@@ -323,7 +328,7 @@ def main() -> None:
              **{k: v.detach().numpy() for k, v in _torch_model().state_dict().items()})
     return
   if args.only:
-    print(json.dumps(run_case(args.only, args.repeats)))
+    print(json.dumps(run_case(args.only, args.repeats, args.backend)))
     return
   results = {}
   for case in args.cases.split(','):
@@ -331,7 +336,7 @@ def main() -> None:
     if args.cpu_memory_scheduler and case.startswith('jax'):
       env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {MEMORY_SCHEDULER_FLAG}'.strip()
     proc = subprocess.run([sys.executable, __file__, '--only', case, '--repeats',
-                           str(args.repeats)], capture_output=True, text=True, env=env,
+                           str(args.repeats), '--backend', args.backend], capture_output=True, text=True, env=env,
                           check=False)
     lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
     if proc.returncode or not lines:

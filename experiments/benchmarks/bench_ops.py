@@ -13,16 +13,17 @@ Workloads: RoIAlign 7x7, sampling_ratio 2, legacy (aligned=False), spatial_scale
 backward is the gradient of <out, cotangent> with respect to the features. NMS: 4000 random
 boxes, IoU threshold 0.7, all kept boxes returned (max_output = 4000); and the box-head case
 of 1000 proposals x 90 classes = 90000 class-aware candidates, threshold 0.5, 100 outputs.
-Conv kernel gradients (`ops/conv.py` against XLA's own `lax.conv_general_dilated` gradient and
+Conv kernel gradients (`backends/cpu_conv.py` against XLA's own `lax.conv_general_dilated` gradient and
 torch's `conv2d_weight`): a 3x3 256->256 conv and a 1x1 256->128 conv on a 1 x 200 x 304 x 256
 map (P2 / res2 of an 800 x 1216 input), stride 1.
 
 The process restarts itself with glibc's huge-page malloc as the `maskrcnn-jax` CLI does
-(`main.reexec_with_huge_page_malloc`; ours and torchvision share the process, so both get it);
+(`backends.host.reexec_with_huge_page_malloc`; ours and torchvision share the process, so both get it);
 `MASKRCNN_JAX_MALLOC=default` keeps the C library's default allocator.
 """
 
 import argparse
+import functools
 import os
 import pathlib
 import statistics
@@ -30,15 +31,15 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-from maskrcnn_jax import main as cli  # noqa: E402
+from maskrcnn_jax.backends import host  # noqa: E402
 
-cli.reexec_with_huge_page_malloc()  # as the CLI does; MASKRCNN_JAX_MALLOC=default to compare
+host.reexec_with_huge_page_malloc()  # as the CLI does; MASKRCNN_JAX_MALLOC=default to compare
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from maskrcnn_jax.ops import conv as conv_ops  # noqa: E402
+from maskrcnn_jax.backends import cpu_conv as conv_ops  # noqa: E402
 from maskrcnn_jax.ops import nms as nms_ops  # noqa: E402
 from maskrcnn_jax.ops import roi_align as roi_ops  # noqa: E402
 
@@ -104,7 +105,7 @@ def _random_boxes(rng, n, hw, min_size, max_size):
   return np.concatenate([ctr - wh / 2, ctr + wh / 2], -1).astype(np.float32)
 
 
-def bench_roi_align(rng, repeats):
+def bench_roi_align(rng, repeats, backend='auto'):
   fh, fw = IMAGE_HW[0] // FEATURE_STRIDE, IMAGE_HW[1] // FEATURE_STRIDE
   feats = rng.standard_normal((NUM_IMAGES, fh, fw, CHANNELS)).astype(np.float32)
   boxes = np.stack([_random_boxes(rng, ROIS_PER_IMAGE, IMAGE_HW, 16, 512)
@@ -115,7 +116,7 @@ def bench_roi_align(rng, repeats):
 
   def align(f, b):
     return jax.vmap(lambda fi, bi: roi_ops.roi_align(
-        fi, bi, OUTPUT_SIZE, scale, SAMPLING_RATIO, aligned=False))(f, b)
+        fi, bi, OUTPUT_SIZE, scale, SAMPLING_RATIO, aligned=False, backend=backend))(f, b)
 
   fwd = jax.jit(align)
   fwd_bwd = jax.jit(jax.value_and_grad(lambda f, b, t: jnp.vdot(align(f, b), t)))
@@ -204,13 +205,17 @@ def bench_conv_grad(rng, repeats):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=11)
+  parser.add_argument('--backend', default='auto', choices=('auto', 'xla', 'cpu'),
+                      help="RoIAlign's execution.backend ('xla': the plain program)")
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   print(f'jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores'
         + (f'; torch {torch.__version__}, torchvision {torchvision.__version__} '
            f'({torch.get_num_threads()} threads)' if torch is not None else ''))
   results = []
-  for bench in (bench_roi_align, bench_nms, bench_conv_grad):
+  print(f'RoIAlign backend: {args.backend}')
+  for bench in (functools.partial(bench_roi_align, backend=args.backend), bench_nms,
+                bench_conv_grad):
     ours, theirs = bench(rng, args.repeats)
     for name, timings in ours.items():
       results.append((name, timings, theirs.get(name)))

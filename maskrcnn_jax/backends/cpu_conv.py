@@ -1,4 +1,5 @@
-"""2-D convolution whose gradients (and 1x1 forward) are matmuls where XLA:CPU's convs are slow.
+"""XLA:CPU backend: 2-D convolution whose gradients (and 1x1 forward) are matmuls where XLA:CPU's
+convs are slow. Selected through `backends.get('cpu')`; other backends use `lax` directly.
 
 `conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (flax's
 `nn.Conv(conv_general_dilated=...)` hook), with the same values and parameters. It changes how
@@ -6,23 +7,24 @@ three things are computed:
 
 - An unpadded 1x1 conv is a matmul over the pixels, forward and backward (`_pointwise`):
   XLA:CPU's 1x1 convolution is up to 15x slower than the matmul (narrow outputs worst).
-- The gradient with respect to the kernel, when compiling for the CPU: XLA:CPU lowers it to a
-  "backward-filter" convolution that runs 4-20x slower than the forward convolution of the same
-  size and 5x slower than torch's (on a 200x304x256 map, `experiments/benchmarks/bench_ops.py`:
-  a 3x3 256->256 kernel gradient takes 1.27 s, 0.37 s here, 0.23 s in torch). Here it is the
-  textbook identity instead,
+- The gradient with respect to the kernel: XLA:CPU lowers it to a "backward-filter" convolution
+  that runs several times slower than the forward convolution of the same size (measured in
+  `docs/performance.md`, `experiments/benchmarks/bench_ops.py`). Here it is the textbook
+  identity instead,
 
       dL/dw[i, j] = sum over (n, y, x) of  x_pad[n, s*y + i, s*x + j, :]^T  g[n, y, x, :],
 
   one `[Cin, N*Ho*Wo] x [N*Ho*Wo, Cout]` matmul per kernel tap (in a loop, see
   `_kernel_grad_matmuls`), which XLA:CPU runs at its matmul speed. It is used where it measured
   faster: 1x1 kernels, and larger kernels whose input and output widths are both at least
-  `TAP_MATMUL_MIN_CHANNELS` (narrow 3x3 convs are faster as XLA's own). GPUs and TPUs keep
-  XLA's kernel gradient (`lax.platform_dependent`).
+  `TAP_MATMUL_MIN_CHANNELS` (narrow 3x3 convs are faster as XLA's own).
 - The input gradient is written as forward convs of the output gradient (`_input_grad`): for
   stride 1 the conv with the flipped kernel, which XLA derives too but which in this form keeps
   XLA:CPU's fast convolution inside loop bodies (the autodiff form ran 8x slower there); for
   stride s one conv per input phase, instead of XLA's conv of the zero-dilated gradient.
+
+Every construct here is tested against `lax.conv_general_dilated` (values and gradients) in
+tests/backends/.
 
 Shapes: `lhs` float [N, H, W, Cin] (NHWC), `rhs` float [kh, kw, Cin, Cout] (HWIO); the result is
 [N, Ho, Wo, Cout]. Other layouts, dilations and grouped convs go to `lax.conv_general_dilated`
@@ -36,10 +38,11 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from maskrcnn_jax.ops import boxes as box_ops
+from maskrcnn_jax.backends import cpu_memory
+from maskrcnn_jax.backends import hooks
 
 # Below this input/output width, XLA:CPU's backward-filter conv beats per-tap matmuls for kernels
-# larger than 1x1 (measured: 64->64 and 128->128 3x3 are 1.2-2x slower as matmuls).
+# larger than 1x1 (64->64 and 128->128 3x3 convs measured slower as matmuls).
 TAP_MATMUL_MIN_CHANNELS = 256
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -62,9 +65,9 @@ def _kernel_grad_matmuls(x, g, kernel_hw, strides, padding):
   hp = -(-(h + pt + pb) // sy) * sy  # padded extent rounded up to whole phases
   wp = -(-(w + pl + pr) // sx) * sx
   # The padding value waits for g, so the padded copy of x is not made early in the forward pass
-  # and kept alive until here (`boxes.zeros_after`).
+  # and kept alive until here (`cpu_memory.zeros_after`).
   xp = jnp.pad(x, ((0, 0), (pt, hp - h - pt), (pl, wp - w - pl), (0, 0)),
-               constant_values=box_ops.zeros_after((), x.dtype, g))
+               constant_values=cpu_memory.zeros_after((), x.dtype, g))
   phases = xp.reshape(n, hp // sy, sy, wp // sx, sx, cin).transpose(2, 4, 0, 1, 3, 5)
   g2 = g.reshape(n * ho * wo, cout)
 
@@ -88,8 +91,8 @@ def _input_grad(g, w, in_hw, strides, padding):
   output phase. Input row i = s*q + a receives g[o] w[k] exactly where s*o + k = i + pad_lo,
   so only the taps k = s*m + c with c = (a + pad_lo) mod s reach phase a, and they form a
   stride-1 correlation of g with the sub-kernel w[c::s]; the s*s phases are then interleaved.
-  XLA's own form dilates g with zeros ("base-dilated" conv), 5-15x slower on the CPU (218 ms
-  for ResNet's layer2 stride-2 conv at 800x1216, ~20 ms here).
+  XLA's own form dilates g with zeros ("base-dilated" conv), several times slower on the CPU
+  (docs/performance.md).
   """
   (kh, kw), (sy, sx) = w.shape[:2], strides
   n, ho, wo, _ = g.shape
@@ -148,10 +151,7 @@ def _conv_bwd(strides, padding, tap_matmul_kernel_grad, residuals, g):
   def matmul_kernel_grad(x, g):
     return _kernel_grad_matmuls(x, g, w.shape[:2], strides, padding)
 
-  if tap_matmul_kernel_grad:
-    dw = lax.platform_dependent(x, g, cpu=matmul_kernel_grad, default=xla_kernel_grad)
-  else:
-    dw = xla_kernel_grad(x, g)
+  dw = matmul_kernel_grad(x, g) if tap_matmul_kernel_grad else xla_kernel_grad(x, g)
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -164,6 +164,7 @@ def uses_tap_matmuls(kernel_shape: Sequence[int]) -> bool:
   return (kh, kw) == (1, 1) or min(cin, cout) >= TAP_MATMUL_MIN_CHANNELS
 
 
+@hooks.cpu_scoped
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None,
@@ -171,8 +172,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   """`lax.conv_general_dilated` with the rewrites described above.
 
   `tap_matmul_kernel_grad=True` forces the matmul kernel gradient whatever the width: convs
-  run inside a loop body need it (there XLA:CPU's backward-filter conv is far slower still:
-  a 64-wide mask head in `losses.active_rows_loss` took 10x the step time).
+  run inside a loop body need it (there XLA:CPU's backward-filter conv is far slower still: the
+  mask head inside `cpu_rows.active_rows_loss`).
   """
   plain = (lhs.ndim == 4
            and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
@@ -200,9 +201,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 def _pointwise(x, w, strides):
   """An unpadded 1x1 conv as a matmul over the (strided) pixels; its gradients are matmuls.
 
-  XLA:CPU's 1x1 convolution is 1.1-15x slower than the same matmul (narrowest outputs worst:
-  256 -> 3 channels on a 200x304 map, the RPN's objectness, takes 29 ms as a conv and 1.9 ms as
-  a matmul), and its kernel gradient is the slow backward-filter conv described above.
+  XLA:CPU's 1x1 convolution is slower than the same matmul (narrowest outputs worst, such as the
+  RPN's 3-channel objectness), and its kernel gradient is the slow backward-filter conv
+  described above.
   """
   sy, sx = strides
   if (sy, sx) != (1, 1):

@@ -19,7 +19,8 @@ Training batches follow `maskrcnn_jax/structures.py` exactly. How they are forme
 * The iterator state is `{'next_batch': k, ...}` (JSON); restoring it rebuilds the pipeline at
   batch k, so a resumed run sees the same next batch whatever the worker count.
 
-Per image: decode -> resize (bilinear, torchvision) -> flip -> normalise -> pad to the bucket;
+Per image: decode -> normalise -> resize (bilinear, torchvision) -> flip -> pad to the bucket
+(`transforms.prepare_image`, shared with the Predictor);
 boxes scaled/flipped alike; instances padded to `input.max_instances` with `gt_valid`; masks are
 decoded as pycocotools annToMask, nearest-resized as torchvision does, flipped, then cropped to
 their gt box at S = `input.gt_mask_size` (transforms.crop_and_resize_masks, uint8 0/1), all in
@@ -59,7 +60,8 @@ def load_dataset_records(config: ml_collections.ConfigDict, split: str, *,
 
   'shapes' generates the synthetic dataset at config.data.root if it is not there yet
   (config.data.shapes_num_train/num_val/size). 'coco' reads config.data.{train,val}_json and
-  {train,val}_images. Training records are capped at input.max_instances per image.
+  {train,val}_images. Training records are capped at input.max_instances per image. Box-only
+  annotations are accepted only when model.mask_on is False (coco.load_coco require_masks).
   """
   if split not in ('train', 'val'):
     raise ValueError(f"split {split!r}: expected 'train' or 'val'")
@@ -81,7 +83,8 @@ def load_dataset_records(config: ml_collections.ConfigDict, split: str, *,
     # torchvision's COCO models use the raw category id as the label (91 classes).
     label_map = coco.LabelMap(tuple(range(1, config.model.num_classes)),
                               tuple(f'category_{i}' for i in range(1, config.model.num_classes)))
-  ds = coco.load_coco(json_path, image_dir, label_map=label_map, max_instances=max_instances)
+  ds = coco.load_coco(json_path, image_dir, label_map=label_map, max_instances=max_instances,
+                      require_masks=bool(config.model.mask_on))
   if ds.label_map.num_classes > config.model.num_classes:
     raise ValueError(f'{json_path} has {len(ds.label_map.category_ids)} categories but '
                      f'config.model.num_classes = {config.model.num_classes} (needs K + 1 = '
@@ -114,15 +117,11 @@ class _InputSpec:
 
 
 def preprocess_image(image: np.ndarray, min_size: int, flip: bool, spec: _InputSpec):
-  """uint8 [h, w, 3] -> (float32 [Hb, Wb, 3] normalised padded image, (new_h, new_w))."""
-  h, w = image.shape[:2]
-  new_h, new_w = transforms.resize_shape(h, w, min_size, spec.max_size)
-  x = transforms.resize_image(image, new_h, new_w)
-  if flip:
-    x = transforms.hflip_image(x)
-  x = transforms.normalize(x, spec.pixel_mean, spec.pixel_std, spec.channel_order)
-  bh, bw = structures.choose_bucket(new_h, new_w, spec.buckets)
-  return transforms.pad_to(x, bh, bw), (new_h, new_w)
+  """uint8 [h, w, 3] -> (float32 [Hb, Wb, 3] normalised padded image, (new_h, new_w)), by
+  `transforms.prepare_image`, the Predictor's path too."""
+  x, new_hw, _ = transforms.prepare_image(image, min_size, spec.max_size, spec.pixel_mean,
+                                          spec.pixel_std, spec.channel_order, spec.buckets, flip)
+  return x, new_hw
 
 
 def process_train_example(record: dict[str, Any], min_size: int, flip: bool,
@@ -284,15 +283,66 @@ class TrainPlan:
 
 
 class _TrainBatchLoader:
-  """Loads host `host`'s slice of a planned global batch (runs inside grain workers)."""
+  """Loads host `host`'s slice of a planned global batch (runs inside grain workers).
 
-  def __init__(self, records, spec: _InputSpec, host: int, per_host: int):
+  An image that cannot be used (coco.ImageDecodeError: missing, corrupt, truncated, or not the
+  JSON's size) is skipped with a warning and replaced by the next record, in record order and
+  cyclically, whose image lands in the same size bucket at the drawn min size, so the batch
+  keeps its planned static shape (the replacement's own instances and the drawn augmentation
+  are used). Bad files are remembered (`bad_files`, not decoded again) and counted; once more
+  than `max_bad_images` distinct files are bad the loader raises an ImageDecodeError listing
+  them. The count belongs to the loader PROCESS: with input.num_workers > 0 every grain worker
+  holds its own copy, so up to num_workers x max_bad_images files may be skipped before one
+  worker stops the run.
+  """
+
+  def __init__(self, records, spec: _InputSpec, host: int, per_host: int,
+               max_bad_images: int = 10):
     self.records, self.spec, self.host, self.per_host = records, spec, host, per_host
+    self.max_bad_images = int(max_bad_images)
+    self.bad_files: dict[int, str] = {}  # record index -> why its image cannot be used
+
+  def _bucket(self, i: int, min_size: int) -> tuple[int, int]:
+    r = self.records[i]
+    hw = transforms.resize_shape(r['height'], r['width'], min_size, self.spec.max_size)
+    return structures.choose_bucket(*hw, self.spec.buckets)
+
+  def _mark_bad(self, i: int, error: coco.ImageDecodeError) -> None:
+    self.bad_files[i] = str(error)
+    n = len(self.bad_files)
+    if n > self.max_bad_images:
+      listing = '\n  '.join(self.bad_files.values())
+      raise coco.ImageDecodeError(
+          f'{n} training images cannot be used, more than config.data.max_bad_images = '
+          f'{self.max_bad_images} (counted per loader process):\n  {listing}\nFix or remove '
+          'them; config.data.verify_images=True lists every bad image before training')
+    log.warning('training image skipped and replaced by another of its size bucket (%d of at '
+                'most %d in this loader process): %s', n, self.max_bad_images, error)
+
+  def _example(self, i: int, min_size: int, flip: bool) -> dict[str, np.ndarray]:
+    """Record i's example, or that of its replacement when its image is bad (class doc)."""
+    bucket, n = None, len(self.records)
+    for step in range(n):
+      j = (i + step) % n
+      if j in self.bad_files:
+        continue
+      if step:
+        bucket = bucket or self._bucket(i, min_size)
+        if self._bucket(j, min_size) != bucket:
+          continue
+      try:
+        return process_train_example(self.records[j], min_size, flip, self.spec)
+      except coco.ImageDecodeError as e:
+        self._mark_bad(j, e)
+    raise coco.ImageDecodeError(
+        f'{self.records[i]["file_name"]}: cannot be used and no other training image of its '
+        f'size bucket {self._bucket(i, min_size)} can replace it:\n  '
+        + '\n  '.join(self.bad_files.values()))
 
   def __call__(self, planned) -> dict[str, np.ndarray]:
     bucket, idx, min_sizes, flips = planned
     lo, hi = self.host * self.per_host, (self.host + 1) * self.per_host
-    examples = [process_train_example(self.records[i], int(s), bool(f), self.spec)
+    examples = [self._example(int(i), int(s), bool(f))
                 for i, s, f in zip(idx[lo:hi], min_sizes[lo:hi], flips[lo:hi])]
     batch = stack(examples)
     if batch['images'].shape[1:3] != self.spec.buckets[bucket]:
@@ -377,10 +427,26 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     self._it = None
 
 
+def _verify_train_images(records: Sequence[dict[str, Any]]) -> None:
+  """config.data.verify_images: decodes every training image now (slow; each host checks all
+  of them) and raises an ImageDecodeError listing the bad ones before training starts."""
+  log.info('verifying %d training images (config.data.verify_images)', len(records))
+  errors = coco.verify_images(records)
+  if errors:
+    shown = errors[:coco.MAX_LISTED_ERRORS]
+    more = len(errors) - len(shown)
+    raise coco.ImageDecodeError(
+        f'config.data.verify_images: {len(errors)} of {len(records)} training images cannot be '
+        'used:\n  ' + '\n  '.join(shown) + (f'\n  ... and {more} more' if more else ''))
+
+
 def make_train_iterator(config: ml_collections.ConfigDict, *,
                         per_host_batch_size: Optional[int] = None,
                         dataset: Optional[coco.CocoDataset] = None) -> TrainIterator:
   """This host's training batches (structures.py format, batch dim = per-host batch size).
+
+  data.verify_images decodes every training image first and fails listing the bad ones; at run
+  time up to data.max_bad_images bad images are skipped and replaced (see _TrainBatchLoader).
 
   Args:
     config: the full config (input.*, data.*, seed).
@@ -400,111 +466,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, *,
                    seed=config.seed, batch_size=i.batch_size,
                    train_min_sizes=i.train_min_sizes, max_size=i.max_size, buckets=i.buckets,
                    hflip_prob=i.hflip_prob)
-  loader = _TrainBatchLoader(records, _InputSpec.from_config(config), host, per_host)
+  if config.data.get('verify_images', False):
+    _verify_train_images(records)
+  loader = _TrainBatchLoader(records, _InputSpec.from_config(config), host, per_host,
+                             max_bad_images=int(config.data.get('max_bad_images', 10)))
   return TrainIterator(plan, loader, config, len(records), ds.label_map)
-
-
-# ------------------------------------------------------------------------------------ eval
-class EvalDataset(Sequence[dict[str, Any]]):
-  """Evaluation images, decoded lazily; `.label_map` and `.json_path` name the ground truth.
-
-  Item n is a dict:
-
-      image_id    int
-      image       uint8 [h, w, 3] the original RGB image
-      orig_size   int32 [2] (h, w)
-      input       float32 [Hb, Wb, 3] resized to input.min_size, normalised, bucket-padded
-      image_size  int32 [2] (height, width) of the resized content inside the padding
-  """
-
-  def __init__(self, records, spec: _InputSpec, min_size: int,
-               label_map: Optional[coco.LabelMap] = None, json_path: str = ''):
-    self.records, self.spec, self.min_size = records, spec, int(min_size)
-    self.label_map, self.json_path = label_map, json_path  # for the evaluator
-
-  def __len__(self) -> int:
-    return len(self.records)
-
-  def __getitem__(self, n: int) -> dict[str, Any]:
-    r = self.records[n]
-    image = coco.record_image(r)
-    x, new_hw = preprocess_image(image, self.min_size, False, self.spec)
-    return {'image_id': int(r['image_id']), 'image': image,
-            'orig_size': np.array([r['height'], r['width']], np.int32), 'input': x,
-            'image_size': np.array(new_hw, np.int32)}
-
-
-def make_eval_dataset(config: ml_collections.ConfigDict, *,
-                      dataset: Optional[coco.CocoDataset] = None,
-                      shard: bool = False) -> EvalDataset:
-  """The validation images of config.data (see EvalDataset), in image-id order.
-
-  shard=True keeps only this host's images (every jax.process_count()-th, from its index).
-  """
-  ds = dataset if dataset is not None else load_dataset_records(config, 'val')
-  records = ds.records
-  if shard:
-    import jax  # pylint: disable=g-import-not-at-top
-    records = records[jax.process_index()::jax.process_count()]
-  return EvalDataset(records, _InputSpec.from_config(config), config.input.min_size,
-                     ds.label_map, ds.json_path)
-
-
-class _EvalBatchLoader:
-  """Loads host `host`'s slice of a padded, bucket-homogeneous eval batch."""
-
-  def __init__(self, eval_ds: EvalDataset, host: int, per_host: int):
-    self.eval_ds, self.host, self.per_host = eval_ds, host, per_host
-
-  def __call__(self, planned) -> dict[str, np.ndarray]:
-    bucket, idx = planned
-    hb, wb = self.eval_ds.spec.buckets[bucket]
-    out = {'images': np.zeros((self.per_host, hb, wb, 3), np.float32),
-           'image_size': np.zeros((self.per_host, 2), np.int32),
-           'image_id': np.full((self.per_host,), -1, np.int64),
-           'orig_size': np.zeros((self.per_host, 2), np.int32),
-           'valid': np.zeros((self.per_host,), bool)}
-    for slot, n in enumerate(idx[self.host * self.per_host:(self.host + 1) * self.per_host]):
-      if n < 0:
-        continue
-      item = self.eval_ds[int(n)]
-      out['images'][slot] = item['input']
-      out['image_size'][slot] = item['image_size']
-      out['image_id'][slot] = item['image_id']
-      out['orig_size'][slot] = item['orig_size']
-      out['valid'][slot] = True
-    return out
-
-
-def eval_plan(eval_ds: EvalDataset, batch_size: int) -> list[tuple[int, np.ndarray]]:
-  """Global eval batches: images grouped by bucket (config order), padded with -1 indices."""
-  spec = eval_ds.spec
-  groups = collections.defaultdict(list)
-  for n, r in enumerate(eval_ds.records):
-    hw = transforms.resize_shape(r['height'], r['width'], eval_ds.min_size, spec.max_size)
-    groups[spec.buckets.index(structures.choose_bucket(*hw, spec.buckets))].append(n)
-  plan = []
-  for b in sorted(groups):
-    members = groups[b]
-    for s in range(0, len(members), batch_size):
-      idx = np.full((batch_size,), -1, np.int64)
-      chunk = members[s:s + batch_size]
-      idx[:len(chunk)] = chunk
-      plan.append((b, idx))
-  return plan
-
-
-def make_eval_iterator(config: ml_collections.ConfigDict, *,
-                       per_host_batch_size: Optional[int] = None,
-                       dataset: Optional[coco.CocoDataset] = None):
-  """One pass over the validation set in bucket-homogeneous batches, this host's slice.
-
-  Yields dicts: images float32 [b, Hb, Wb, 3], image_size int32 [b, 2] (resized content),
-  image_id int64 [b] (-1 in padding), orig_size int32 [b, 2] (original h, w), valid bool [b].
-  All hosts see the same number of batches with the same buckets.
-  """
-  host, count, per_host = _process_info(per_host_batch_size, int(config.input.batch_size))
-  eval_ds = make_eval_dataset(config, dataset=dataset)
-  plan = eval_plan(eval_ds, per_host * count)
-  it = _to_iter(plan, _EvalBatchLoader(eval_ds, host, per_host), 0, config)
-  yield from it

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from maskrcnn_jax import structures
+
 MASK_THRESHOLD = 0.5  # a soft mask value >= this is foreground (detectron2, TPU Mask R-CNN)
 DEFAULT_CROP_SAMPLES = 2  # bilinear samples per output bin and axis in crop_and_resize_masks
 
@@ -23,13 +25,15 @@ def resize_scale(h: int, w: int, min_size: float, max_size: float) -> float:
 
 
 def resize_shape(h: int, w: int, min_size: float, max_size: float) -> tuple[int, int]:
-  """Output (new_h, new_w) of torchvision's resize: floor(dim * scale).
+  """Output (new_h, new_w) of torchvision's resize: floor(dim * scale), at least 1 pixel.
 
   torch.nn.functional.interpolate(scale_factor=s, recompute_scale_factor=True) takes the output
-  size as floor(float(dim) * s) in double precision.
+  size as floor(float(dim) * s) in double precision. For an extreme aspect ratio (2x3000 at
+  max_size 1333) the short side floors to 0, where torchvision fails; it is kept at 1 pixel here
+  so such an image still trains and predicts.
   """
   scale = resize_scale(h, w, min_size, max_size)
-  return int(np.floor(float(h) * scale)), int(np.floor(float(w) * scale))
+  return (max(1, int(np.floor(float(h) * scale))), max(1, int(np.floor(float(w) * scale))))
 
 
 def _linear_indices(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -157,6 +161,31 @@ def pad_to(img: np.ndarray, h: int, w: int, value: float = 0) -> np.ndarray:
   out = np.full((h, w) + img.shape[2:], value, dtype=img.dtype)
   out[:ih, :iw] = img
   return out
+
+
+# ------------------------------------------------------------------------- the one image path
+def prepare_image(image: np.ndarray, min_size: int, max_size: int, mean: Sequence[float],
+                  std: Sequence[float], channel_order: str,
+                  buckets: Sequence[Sequence[int]], flip: bool = False):
+  """The model input of one image, for training and inference alike.
+
+  torchvision's `GeneralizedRCNNTransform` order: normalise (in `channel_order`), resize
+  bilinearly (short side `min_size`, long side at most `max_size`), then (training) mirror, and
+  zero-pad at the bottom/right to the smallest bucket that holds the result.
+
+  Args:
+    image: uint8 `[h, w, 3]` RGB.
+
+  Returns:
+    `(float32 [Hb, Wb, 3], (new_h, new_w), (Hb, Wb))`.
+  """
+  h, w = image.shape[:2]
+  new_h, new_w = resize_shape(h, w, min_size, max_size)
+  x = resize_image(normalize(image, mean, std, channel_order), new_h, new_w)
+  if flip:
+    x = hflip_image(x)
+  bucket = structures.choose_bucket(new_h, new_w, buckets)
+  return pad_to(x, *bucket), (new_h, new_w), bucket
 
 
 # ------------------------------------------------------------------------------------ flipping

@@ -28,10 +28,15 @@ anchor-major (`a * 4 + k`), so no other permutation is needed. detectron2 names 
 (`stem.conv1` -> `conv1`, `res{s+1}.{b}` -> `layer{s}/{b}`, `shortcut` -> `downsample`; its
 `conv.norm` holds the BN) and its MSRA weights need `stride_in_1x1=True` and BGR input.
 With `config.model.mask_on = False` the mask modules do not exist (plain Faster R-CNN).
+
+The RoI heads are units (`heads.py`): the box head always runs, then each head of the dict
+`build_heads(config)` makes (the mask head when `model.mask_on`), or of the dict a caller passes
+to `build_model`. `config.execution.backend` chooses the implementation of the backend-specific
+hook points (`maskrcnn_jax/backends`); the parameters are the same for every backend.
 """
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -39,10 +44,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from maskrcnn_jax import backends
+from maskrcnn_jax.backends import xla
+from maskrcnn_jax.modeling import box_head as box_lib
 from maskrcnn_jax.modeling import fpn as fpn_lib
-from maskrcnn_jax.modeling import postprocess as post_lib
+from maskrcnn_jax.modeling import heads as heads_lib
+from maskrcnn_jax.modeling import mask_head as mask_lib
+from maskrcnn_jax.modeling import poolers
 from maskrcnn_jax.modeling import resnet as resnet_lib
-from maskrcnn_jax.modeling import roi_heads as roi_lib
 from maskrcnn_jax.modeling import rpn as rpn_lib
 from maskrcnn_jax.ops import losses as loss_ops
 from maskrcnn_jax.ops import sampling
@@ -54,26 +63,30 @@ INIT_IMAGE_HW = (64, 64)
 class Backbone(nn.Module):
   """ResNet `body` + `fpn`: images `[B, H, W, 3]` -> `[P2, ..., P6]`, each `[B, H_l, W_l, C]`."""
   config: ml_collections.ConfigDict
+  backend: backends.Backend = xla.PLAIN
 
   @nn.compact
   def __call__(self, images: jnp.ndarray) -> list[jnp.ndarray]:
-    feats = resnet_lib.ResNet.from_config(self.config, name='body')(images)
+    feats = resnet_lib.ResNet.from_config(self.config, backend=self.backend, name='body')(images)
     return fpn_lib.FPN(int(self.config.model.fpn.channels), resnet_lib.dtype_of(self.config),
-                       name='fpn')(feats)
+                       self.backend, name='fpn')(feats)
 
 
 class MaskRCNN(nn.Module):
-  """Mask R-CNN / Faster R-CNN (`config.model.mask_on`) with static shapes.
+  """Mask R-CNN / Faster R-CNN with static shapes: backbone, RPN, the box head and `heads`.
 
   `__call__(images, image_size)` is inference; `losses(batch, key)` is training. Build it with
   `build_model(config)` and its variables with `init_variables`.
   """
   config: ml_collections.ConfigDict
+  heads: Mapping[str, heads_lib.RoIHead]
+  backend: backends.Backend = xla.PLAIN
 
   def setup(self):
-    self.backbone = Backbone(self.config)
-    self.rpn = rpn_lib.RPN(self.config)
-    self.roi_heads = roi_lib.RoIHeads(self.config)
+    self.backbone = Backbone(self.config, self.backend)
+    self.rpn = rpn_lib.RPN(self.config, self.backend)
+    self.roi_heads = heads_lib.RoIHeads(box_head_of(self), dict(self.heads))
+    self.pooler = poolers.Pooler.from_config(self.config)
 
   # ------------------------------------------------------------------ inference
   def __call__(self, images: jnp.ndarray, image_size: jnp.ndarray) -> dict[str, jnp.ndarray]:
@@ -87,8 +100,8 @@ class MaskRCNN(nn.Module):
       dict with D = `config.model.test.detections_per_img`:
         boxes  float32 `[B, D, 4]` xyxy, padded-input pixels;
         scores float32 `[B, D]`; labels int32 `[B, D]` (1..K); valid bool `[B, D]`;
-        masks  float32 `[B, D, 28, 28]` probabilities of the predicted class, in the box frame
-               (only when `config.model.mask_on`).
+        and each head's outputs, e.g. masks float32 `[B, D, 28, 28]` probabilities of the
+        predicted class, in the box frame (the mask head).
       Slots with valid False hold zeros.
 
     With `mutable=['intermediates']` the 'intermediates' collection also receives `features`
@@ -109,26 +122,12 @@ class MaskRCNN(nn.Module):
 
   def detect(self, feats: Sequence[jnp.ndarray], proposals: jnp.ndarray,
              proposal_valid: jnp.ndarray, image_size: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    """Box head + postprocess (+ mask head) on given proposals `[B, P, 4]` / valid `[B, P]`."""
-    cfg = self.config
-    m = cfg.model
-    b, p = proposals.shape[:2]
-    x = roi_lib.roi_features(cfg, feats, proposals, int(m.roi.box_output_size))
-    class_logits, box_deltas = self.roi_heads.box(x.reshape((b * p,) + x.shape[2:]))
-    post = functools.partial(
-        post_lib.postprocess_detections, score_thresh=float(m.test.score_thresh),
-        nms_thresh=float(m.test.nms_thresh), detections_per_img=int(m.test.detections_per_img),
-        min_box_size=float(m.test.min_box_size), bbox_reg_weights=tuple(m.roi.bbox_reg_weights))
-    det = jax.vmap(post)(class_logits.reshape(b, p, -1), box_deltas.reshape(b, p, -1),
-                         proposals, proposal_valid, image_size)
-    if m.mask_on:
-      d = det['boxes'].shape[1]
-      x = roi_lib.roi_features(cfg, feats, det['boxes'], int(m.roi.mask_output_size))
-      # Only each detection's own class channel (torchvision `maskrcnn_inference` picks it
-      # from all K+1), as probabilities.
-      logits = self.roi_heads.mask(x.reshape((b * d,) + x.shape[2:]), det['labels'].reshape(-1))
-      masks = jax.nn.sigmoid(logits.reshape((b, d) + logits.shape[1:]))
-      det['masks'] = jnp.where(det['valid'][:, :, None, None], masks, 0.0)
+    """The box head's detections on given proposals `[B, P, 4]` / valid `[B, P]`, then every
+    head's outputs for them."""
+    pool = functools.partial(self.pooler, feats)
+    det = self.roi_heads.box_head_unit.inference(pool, proposals, proposal_valid, image_size)
+    for head in self.roi_heads.units.values():
+      det.update(head.inference(pool, det))
     return det
 
   # ------------------------------------------------------------------ training
@@ -138,7 +137,8 @@ class MaskRCNN(nn.Module):
 
     Batch normalisation follows torchvision, which pools the samples of all images: each
     per-image loss is divided by the batch-mean sample count (anchors sampled, RoIs sampled,
-    foreground RoIs) and the per-image losses are averaged, which equals pooled sum / pooled count.
+    foreground pixels) and the per-image losses are averaged, which equals pooled sum / pooled
+    count.
 
     Args:
       batch: the dict of structures.py (`images`, `image_size`, `gt_boxes`, `gt_labels`,
@@ -147,8 +147,9 @@ class MaskRCNN(nn.Module):
 
     Returns:
       `(total_loss f32 [], metrics)`: metrics holds the float32 scalar loss terms
-      `loss_objectness`, `loss_rpn_box_reg`, `loss_classifier`, `loss_box_reg`, (`loss_mask`) and
-      the per-image means `num_rpn_positive`, `num_roi_foreground`, `num_proposals`.
+      `loss_objectness`, `loss_rpn_box_reg`, `loss_classifier`, `loss_box_reg`, each head's
+      `loss_*` terms (`loss_mask`), and the per-image means `num_rpn_positive`,
+      `num_roi_foreground`, `num_proposals`. The total is the sum of every `loss_*` term.
     """
     cfg = self.config
     m = cfg.model
@@ -180,94 +181,79 @@ class MaskRCNN(nn.Module):
         loss_ops.rpn_loss, box_loss=m.rpn.box_loss, beta=float(m.rpn.smooth_l1_beta),
         normalizer=rpn_norm))(jnp.concatenate(objectness, axis=1),
                               jnp.concatenate(deltas, axis=1), rpn_t)
-
-    # ---- Proposals (no gradient, as torchvision detaches them) and RoI sampling.
-    proposals, _, proposal_valid = rpn_lib.proposals_from_config(
-        cfg, [jax.lax.stop_gradient(o) for o in objectness],
-        [jax.lax.stop_gradient(d) for d in deltas], anchors, image_size, train=True)
-    num_samples = int(m.roi.batch_size_per_image)
-    roi_fn = functools.partial(
-        sampling.roi_targets, num_samples=num_samples,
-        positive_fraction=float(m.roi.positive_fraction), fg_thresh=float(m.roi.fg_iou_thresh),
-        bg_thresh=float(m.roi.bg_iou_thresh), weights=tuple(m.roi.bbox_reg_weights),
-        ignore_crowd=bool(m.roi.ignore_crowd), crowd_ioa_thresh=float(m.roi.crowd_ioa_thresh))
-    roi_t = jax.vmap(roi_fn)(jax.random.split(roi_key, num_images), proposals, proposal_valid,
-                             gt_boxes, batch['gt_labels'], gt_valid, gt_crowd)
-
-    # ---- Box head loss.
-    rois = roi_t['rois']
-    x = roi_lib.roi_features(cfg, feats, rois, int(m.roi.box_output_size))
-    class_logits, box_deltas = self.roi_heads.box(x.reshape((-1,) + x.shape[2:]))
-    roi_norm = jnp.mean(jnp.sum(roi_t['valid'], axis=1).astype(jnp.float32))
-    box_l = jax.vmap(functools.partial(
-        loss_ops.fastrcnn_loss, box_loss=m.roi.box_loss, beta=float(m.roi.smooth_l1_beta),
-        normalizer=roi_norm))(class_logits.reshape(num_images, num_samples, -1),
-                              box_deltas.reshape(num_images, num_samples, -1),
-                              roi_t['labels'], roi_t['box_targets'], roi_t['valid'])
-
     metrics = {
         'loss_objectness': jnp.mean(rpn_l['loss_objectness']),
         'loss_rpn_box_reg': jnp.mean(rpn_l['loss_rpn_box_reg']),
-        'loss_classifier': jnp.mean(box_l['loss_classifier']),
-        'loss_box_reg': jnp.mean(box_l['loss_box_reg']),
     }
 
-    # ---- Mask head loss on the foreground RoIs: roi_targets puts all of them in the first
-    # max_positives slots, so a static slice holds every one.
-    if m.mask_on:
-      num_fg_slots = sampling.max_positives(num_samples, float(m.roi.positive_fraction))
-      fg = roi_t['foreground'][:, :num_fg_slots]
-      mask_rois = rois[:, :num_fg_slots]
-      labels = roi_t['labels'][:, :num_fg_slots]
-      matched = roi_t['matched_gt'][:, :num_fg_slots]
-      x = roi_lib.roi_features(cfg, feats, mask_rois, int(m.roi.mask_output_size))
-      targets = jax.vmap(functools.partial(
-          sampling.mask_targets, resolution=int(m.mask_head.resolution),
-          aligned=bool(m.roi.aligned)))(batch['gt_masks'], gt_boxes, mask_rois, matched,
-                                        roi_valid=fg)
-      # Only each RoI's ground-truth class channel; with loss_chunk only the slots that hold
-      # a foreground RoI. torchvision normalises by the batch's foreground pixel count.
-      bce = self.roi_heads.mask_bce_sum(x, labels, targets, fg, int(m.mask_head.loss_chunk))
-      pixels = jnp.sum(fg).astype(jnp.float32) * targets.shape[-2] * targets.shape[-1]
-      metrics['loss_mask'] = jnp.where(pixels > 0, bce / jnp.maximum(pixels, 1.0), 0.0)
+    # ---- Proposals (no gradient, as torchvision detaches them), RoI sampling, RoI heads.
+    proposals, _, proposal_valid = rpn_lib.proposals_from_config(
+        cfg, [jax.lax.stop_gradient(o) for o in objectness],
+        [jax.lax.stop_gradient(d) for d in deltas], anchors, image_size, train=True)
+    pool = functools.partial(self.pooler, feats)
+    box = self.roi_heads.box_head_unit
+    sample = box.targets(roi_key, proposals, proposal_valid, batch)
+    metrics.update(box.loss(pool, sample, batch))
+    for head in self.roi_heads.units.values():
+      metrics.update(head.loss(pool, sample, batch))
 
-    total = sum(metrics.values())
+    total = sum(v for k, v in metrics.items() if k.startswith('loss_'))
     metrics.update(
         num_rpn_positive=jnp.mean(rpn_l['num_positive']),
-        num_roi_foreground=jnp.mean(box_l['num_foreground']),
         num_proposals=jnp.mean(jnp.sum(proposal_valid, axis=1).astype(jnp.float32)))
     return total, metrics
 
   # ------------------------------------------------------------------ initialisation
   def init_forward(self, images: jnp.ndarray) -> None:
     """Touches every parameter with cheap dummy inputs (no NMS, no RoIAlign); for `init`."""
-    m = self.config.model
     feats = self.backbone(images)
     self.rpn(feats)
-    c = int(m.fpn.channels)
-    s = int(m.roi.box_output_size)
-    self.roi_heads.box(jnp.zeros((1, s, s, c), feats[0].dtype))
-    if m.mask_on:
-      s = int(m.roi.mask_output_size)
-      self.roi_heads.mask(jnp.zeros((1, s, s, c), feats[0].dtype))
+    c = int(self.config.model.fpn.channels)
+    self.roi_heads.box_head_unit.init_params(c, feats[0].dtype)
+    for head in self.roi_heads.units.values():
+      head.init_params(c, feats[0].dtype)
 
 
-def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
-  """The MaskRCNN module for `config` (frozen, so the module is hashable)."""
+def box_head_of(model: MaskRCNN) -> box_lib.BoxHead:
+  """The (unbound) box head of a model, e.g. for its host-side `postprocess`."""
+  return box_lib.BoxHead.from_config(model.config)
+
+
+def build_heads(config: ml_collections.ConfigDict,
+                backend: backends.Backend) -> dict[str, heads_lib.RoIHead]:
+  """The RoI heads besides the box head that `config.model` enables, by name."""
+  out = {}
+  if config.model.mask_on:
+    out['mask'] = mask_lib.MaskHead.from_config(config, backend)
+  return out
+
+
+def build_model(config: ml_collections.ConfigDict,
+                heads: Optional[Mapping[str, heads_lib.RoIHead]] = None) -> MaskRCNN:
+  """The MaskRCNN module for `config` (frozen, so the module is hashable).
+
+  `heads` replaces `build_heads(config, backend)`: pass `{**build_heads(...), 'mine': MyHead()}`
+  to add a head of your own without editing this package.
+  """
   if not isinstance(config, ml_collections.FrozenConfigDict):
     config = ml_collections.FrozenConfigDict(config)
-  return MaskRCNN(config)
+  backend = backends.get(config.execution.backend)
+  if heads is None:
+    heads = build_heads(config, backend)
+  return MaskRCNN(config, dict(heads), backend)
 
 
 def init_variables(config: ml_collections.ConfigDict, key: jax.Array,
-                   image_hw: Optional[Sequence[int]] = None) -> dict[str, Any]:
+                   image_hw: Optional[Sequence[int]] = None,
+                   model: Optional[MaskRCNN] = None) -> dict[str, Any]:
   """Fresh variables `{'params': ..., 'constants': ...}` (frozen BN at identity).
 
   Shape-friendly: `jax.eval_shape(functools.partial(init_variables, config), key)` gives the
   tree without allocating, and `jax.jit(...)` with out_shardings materialises it sharded.
   `image_hw` (a padded size; defaults to a small dummy) does not change any parameter shape.
+  `model` defaults to `build_model(config)`.
   """
-  model = build_model(config)
+  model = model if model is not None else build_model(config)
   h, w = image_hw if image_hw is not None else INIT_IMAGE_HW
   images = jnp.zeros((1, int(h), int(w), 3), jnp.float32)
   variables = model.init(key, images, method=MaskRCNN.init_forward)

@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from maskrcnn_jax import backends
+from maskrcnn_jax.backends import xla
 from maskrcnn_jax.modeling import resnet
 from maskrcnn_jax.ops import anchors as anchors_lib
 from maskrcnn_jax.ops import boxes as box_ops
-from maskrcnn_jax.ops import conv
 from maskrcnn_jax.ops import nms as nms_ops
 
 # torchvision RPNHead: normal(std=0.01) weights, zero bias, for all three convs.
@@ -55,10 +56,12 @@ class RPNHead(nn.Module):
   num_anchors: int
   channels: int
   dtype: Any = jnp.float32
+  backend: backends.Backend = xla.PLAIN
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=rpn_init,
-              bias_init=nn.initializers.zeros, conv_general_dilated=conv.conv_general_dilated)
+              bias_init=nn.initializers.zeros,
+              conv_general_dilated=self.backend.conv_general_dilated)
     self.conv = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), **kw)
     self.cls_logits = nn.Conv(self.num_anchors, (1, 1), **kw)
     self.bbox_pred = nn.Conv(4 * self.num_anchors, (1, 1), **kw)
@@ -74,31 +77,26 @@ class RPNHead(nn.Module):
     return objectness, deltas
 
   def _predict(self, t: jnp.ndarray):
-    """`(cls_logits(t), bbox_pred(t))` as one 1x1 conv with the two kernels side by side.
-
-    The two predictors read the same `[B, H, W, C]` map; as one A + 4A wide matmul, the forward
-    pass and both gradients read (and, for the kernel gradient, transpose) that map once instead
-    of twice, which on P2 of an 800x1216 input is a 62 MB array. The parameters stay the two
-    torchvision-named convs.
-    """
-    if self.is_initializing():
+    """`(cls_logits(t), bbox_pred(t))`, or the backend's `pointwise_pair` of the two convs'
+    parameters (one matmul on XLA:CPU); the parameters stay the two torchvision-named convs."""
+    pair = self.backend.pointwise_pair
+    if pair is None or self.is_initializing():
       return self.cls_logits(t), self.bbox_pred(t)
     params = self.variables['params']
-    kernel = jnp.concatenate([params['cls_logits']['kernel'], params['bbox_pred']['kernel']], -1)
-    bias = jnp.concatenate([params['cls_logits']['bias'], params['bbox_pred']['bias']])
-    t, kernel, bias = nn.dtypes.promote_dtype(t, kernel, bias, dtype=self.dtype)
-    out = conv.conv_general_dilated(t, kernel, (1, 1), 'VALID',
-                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
-    return out[..., :self.num_anchors], out[..., self.num_anchors:]
+    t, ka, ba, kb, bb = nn.dtypes.promote_dtype(
+        t, params['cls_logits']['kernel'], params['cls_logits']['bias'],
+        params['bbox_pred']['kernel'], params['bbox_pred']['bias'], dtype=self.dtype)
+    return pair(t, (ka, ba), (kb, bb))
 
 
 class RPN(nn.Module):
   """Container mirroring torchvision `RegionProposalNetwork` (parameters under `head`)."""
   config: ml_collections.ConfigDict
+  backend: backends.Backend = xla.PLAIN
 
   def setup(self):
     self.head = RPNHead(num_anchors(self.config), int(self.config.model.fpn.channels),
-                        resnet.dtype_of(self.config))
+                        resnet.dtype_of(self.config), self.backend)
 
   def __call__(self, feats: Sequence[jnp.ndarray]):
     return self.head(feats)

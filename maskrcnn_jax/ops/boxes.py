@@ -2,8 +2,7 @@
 
 Pure `jax.numpy`, written for one image (callers `jax.vmap` over a batch). Boxes are float32
 `[..., 4]` as `(x1, y1, x2, y2)` in absolute pixels with integer pixel corners (no `+1`), as in
-torchvision and detectron2. Also two numeric helpers the other ops share: `true_divide` and
-`zeros_after`.
+torchvision and detectron2. Also the numeric helper the other ops share: `true_divide`.
 """
 
 import math
@@ -29,23 +28,6 @@ def true_divide(a: jnp.ndarray, d) -> jnp.ndarray:
   """
   _, den = jax.lax.optimization_barrier((a, jnp.full(a.shape, d, a.dtype)))
   return a / den
-
-
-def zeros_after(shape, dtype, dependency: jnp.ndarray) -> jnp.ndarray:
-  """Zeros of `shape` and `dtype` that XLA cannot compute before `dependency` exists.
-
-  A constant fill has no inputs, so XLA:CPU's scheduler may run it at the start of the program
-  and keep the buffer alive until the loop or op that uses it: at 800x1216 the RoIAlign
-  backward's two [80750, 256] scatter accumulators (158 MB) and a conv kernel gradient's padded
-  copy of FPN P2 (60 MB) were held through the whole forward pass of a train step. Here the fill
-  value is `min(|dependency[0]|, 0)`, a 0 known only at run time (NaN for a NaN first element:
-  callers pass an input whose NaN reaches their result anyway).
-  """
-  dependency = jnp.asarray(dependency)
-  if not dependency.size:
-    return jnp.zeros(shape, dtype)
-  zero = jnp.minimum(jnp.abs(dependency.reshape(-1)[0]), 0)
-  return jnp.broadcast_to(zero.astype(dtype), shape)
 
 
 def area(boxes: jnp.ndarray) -> jnp.ndarray:

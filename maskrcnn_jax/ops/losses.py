@@ -1,5 +1,6 @@
-"""Masked loss primitives, the RPN, box-head and mask-head losses of one image, and
-`active_rows_loss` (a loss over only the real rows of padded slots).
+"""Masked loss primitives and the RPN and box-head losses of one image.
+
+The mask loss is the mask head's own (`modeling/mask_head.py`), built from `sigmoid_bce`.
 
 Everything is computed in float32 (inputs may be bfloat16). Padded slots are excluded with
 `jnp.where` on the inputs as well as on the result, so garbage there (inf/NaN) changes neither the
@@ -10,17 +11,14 @@ every head loss here is normalised per image, while torchvision concatenates the
 images and normalises once by the batch total. The two agree exactly if the caller passes
 `normalizer` = the per-image count averaged over the (global) batch, computed from the targets:
 `mean_b sum(rpn_targets['sampled'][b])` for `rpn_loss`, `mean_b sum(roi_targets['valid'][b])` for
-`fastrcnn_loss`, `mean_b sum(foreground[b])` for `mask_loss`; then averages the per-image losses
-over images. With the default per-image normalisation they agree whenever every image samples the
-same count (the usual case: 256 anchors and 512 RoIs per image); they differ mostly for the mask
-loss, whose foreground count varies. The `num_*` values returned are for logging.
+`fastrcnn_loss`; then averages the per-image losses over images. With the default per-image
+normalisation they agree whenever every image samples the same count (the usual case: 256 anchors
+and 512 RoIs per image). The `num_*` values returned are for logging.
 """
 
-import functools
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 
 # torchvision rpn.py and roi_heads.fastrcnn_loss: smooth L1 with beta = 1/9.
@@ -223,132 +221,3 @@ def fastrcnn_loss(class_logits: jnp.ndarray,
       'num_sampled': num_sampled,
       'num_foreground': jnp.sum(foreground).astype(jnp.float32),
   }
-
-
-def mask_loss(mask_logits: jnp.ndarray,
-              labels: jnp.ndarray,
-              targets: jnp.ndarray,
-              foreground: jnp.ndarray,
-              *,
-              class_axis: int = 1,
-              normalizer: Optional[jnp.ndarray] = None) -> dict:
-  """Mask-head loss of one image (torchvision `roi_heads.maskrcnn_loss`).
-
-  Per-pixel BCE of the ground-truth class's mask logits, averaged over all pixels of the
-  foreground RoIs; 0 (not NaN, zero gradient) when there is no foreground.
-
-  Args:
-    mask_logits: float `[R, K, M, M]` per-class logits (`class_axis=1`; pass `class_axis=-1` for
-      an NHWC head output `[R, M, M, K]`), or `[R, M, M]` already gathered for `labels`.
-    labels: int32 `[R]` gt classes (ignored for `[R, M, M]` input).
-    targets: float32 `[R, M, M]` from `sampling.mask_targets`.
-    foreground: bool `[R]`; only these RoIs count.
-    class_axis: the class axis of 4-D `mask_logits`.
-    normalizer: optional scalar replacing the per-image foreground-RoI count (pixels are
-      `normalizer * M * M`).
-
-  Returns:
-    dict of float32 scalars: `loss_mask`, `num_foreground`.
-  """
-  if mask_logits.ndim == 4:
-    mask_logits = select_class(mask_logits, labels, axis=class_axis)
-  foreground = jnp.asarray(foreground, bool)
-  num_fg = jnp.sum(foreground).astype(jnp.float32)
-  den = num_fg if normalizer is None else normalizer
-  pixels = mask_logits.shape[-2] * mask_logits.shape[-1]
-  bce = sigmoid_bce(mask_logits, targets, foreground)
-  return {'loss_mask': _safe_div(bce, _f32(den) * pixels), 'num_foreground': num_fg}
-
-
-def active_rows_loss(fn: Callable[[Any, jnp.ndarray, Any], jnp.ndarray], params: Any,
-                     rows: jnp.ndarray, aux: Any, num_active: jnp.ndarray,
-                     chunk: int) -> jnp.ndarray:
-  """`fn` summed over the first `num_active[b]` rows of every image, `chunk` rows at a time.
-
-  Static shapes make a head run on every slot, padding included: the mask head always sees
-  the 128 foreground slots per image of 512 sampled RoIs, although only `num_active[b]` of them
-  are real (torchvision runs it on exactly those; with an untrained RPN they are a handful).
-  Here a `lax.while_loop` visits only the chunks that hold a real row: `ceil(max_b
-  num_active[b] / chunk)` iterations, each on `[B, chunk]` rows. The loop count is a runtime
-  value, so nothing recompiles.
-
-  A dynamic-length loop cannot be reverse-differentiated, so this is a `custom_vjp` that computes
-  the gradient in the forward pass: each chunk's `value_and_grad`, accumulated in float32. The
-  backward pass scales it by the incoming cotangent, which is exact because the result is a
-  scalar. Cost: one forward and one backward per visited chunk (no recomputation), even when
-  only the value is needed.
-
-  Args:
-    fn: `fn(params, rows_chunk [B, chunk, ...], aux_chunk) -> float32 scalar`. It must be a sum
-      over rows, and rows at or past `num_active[b]` must add nothing to the value or the
-      gradient (mask them with a `valid` leaf of `aux`). Padding appended to reach a multiple of
-      `chunk` has all-zero `aux`, so `False` in a boolean `valid`. `fn` must not close over
-      traced values.
-    params: pytree of float arrays; gradients flow to it.
-    rows: float `[B, N, ...]` with each image's real rows first; gradients flow to it.
-    aux: pytree of `[B, N, ...]` arrays (targets, labels, valid), not differentiated.
-    num_active: int `[B]`, real rows per image.
-    chunk: rows per image per iteration (static).
-
-  Returns:
-    float32 scalar, equal to `fn(params, rows, aux)` under the rule above.
-  """
-  return _active_rows_loss(fn, chunk, params, rows, aux, num_active)
-
-
-def _chunk_loop(fn, chunk, params, rows, aux, num_active, with_grads):
-  n = rows.shape[1]
-  padded = -(-n // chunk) * chunk
-
-  def pad(x):
-    return jnp.pad(x, [(0, 0), (0, padded - n)] + [(0, 0)] * (x.ndim - 2))
-
-  rows_p, aux_p = pad(rows), jax.tree_util.tree_map(pad, aux)
-  trips = (jnp.max(jnp.asarray(num_active, jnp.int32)) + chunk - 1) // chunk
-
-  def body(carry):
-    i, total, dparams, drows = carry
-    start = i * chunk
-    x = lax.dynamic_slice_in_dim(rows_p, start, chunk, axis=1)
-    a = jax.tree_util.tree_map(lambda v: lax.dynamic_slice_in_dim(v, start, chunk, axis=1), aux_p)
-    if with_grads:
-      value, (dp, dx) = jax.value_and_grad(fn, argnums=(0, 1))(params, x, a)
-      dparams = jax.tree_util.tree_map(lambda s, d: s + d.astype(jnp.float32), dparams, dp)
-      drows = lax.dynamic_update_slice_in_dim(drows, dx.astype(drows.dtype), start, axis=1)
-    else:
-      value = fn(params, x, a)
-    return i + 1, total + _f32(value), dparams, drows
-
-  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-  init = (jnp.int32(0), jnp.float32(0.0),
-          jax.tree_util.tree_map(zeros, params) if with_grads else None,
-          zeros(rows_p) if with_grads else None)
-  _, total, dparams, drows = lax.while_loop(lambda c: c[0] < trips, body, init)
-  if not with_grads:
-    return total, None, None
-  dparams = jax.tree_util.tree_map(lambda d, p: d.astype(p.dtype), dparams, params)
-  return total, dparams, drows[:, :n].astype(rows.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _active_rows_loss(fn, chunk, params, rows, aux, num_active):
-  return _chunk_loop(fn, chunk, params, rows, aux, num_active, with_grads=False)[0]
-
-
-def _active_rows_fwd(fn, chunk, params, rows, aux, num_active):
-  total, dparams, drows = _chunk_loop(fn, chunk, params, rows, aux, num_active, with_grads=True)
-  return total, (dparams, drows)
-
-
-def _active_rows_bwd(fn, chunk, residuals, g):
-  del fn, chunk
-  dparams, drows = residuals
-
-  def scale(d):
-    return (g * d).astype(d.dtype)
-
-  # aux and num_active are not differentiated: None is custom_vjp's zero cotangent.
-  return jax.tree_util.tree_map(scale, dparams), scale(drows), None, None
-
-
-_active_rows_loss.defvjp(_active_rows_fwd, _active_rows_bwd)

@@ -255,7 +255,8 @@ def mask_targets(gt_masks: jnp.ndarray,
                  roi_valid: Optional[jnp.ndarray] = None,
                  aligned: bool = False,
                  sampling_ratio: Optional[int] = None,
-                 binarize: bool = True) -> jnp.ndarray:
+                 binarize: bool = True,
+                 backend: str = 'auto') -> jnp.ndarray:
   """Mask-head targets: each RoI's matched gt mask resampled onto the RoI's `resolution^2` grid.
 
   Ground-truth masks arrive pre-cropped to their gt box at `S x S` (structures.py), because
@@ -284,6 +285,7 @@ def mask_targets(gt_masks: jnp.ndarray,
     aligned: see above (config `model.roi.aligned`).
     sampling_ratio: static samples per bin side; None -> `ceil(S / resolution)`.
     binarize: threshold at 0.5.
+    backend: static `execution.backend` value of the RoIAlign that resamples the crops.
 
   Returns:
     float32 `[R, resolution, resolution]`.
@@ -313,7 +315,8 @@ def mask_targets(gt_masks: jnp.ndarray,
   crops = jnp.pad(crops, ((0, 0), (1, 1), (1, 1)))[..., None]  # [R, S+2, S+2, 1]
 
   def one(crop, box):
-    out = roi_align_ops.roi_align(crop, box[None], resolution, 1.0, sampling_ratio, True)
+    out = roi_align_ops.roi_align(crop, box[None], resolution, 1.0, sampling_ratio, True,
+                                  backend=backend)
     return out[0, :, :, 0]
 
   targets = jax.vmap(one)(crops, crop_boxes)

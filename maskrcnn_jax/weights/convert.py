@@ -50,7 +50,7 @@ def convert_variables(source: str, path: str, config: ml_collections.ConfigDict,
   meta = {
       'label_to_category_id': label_to_category_id,
       'class_names': class_names[1:],  # K names for labels 1..K, as data/coco.py stores them
-      'model_config': ckpt.model_config_json(config),
+      **ckpt.structure_meta(config),
       'source': f'{source}:{os.path.abspath(path)}',
       # The pixel normalisation the converted weights were trained with (read back by
       # load_pretrained_backbone); predict/evaluate use config.input, which must match it.

@@ -15,12 +15,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs import maskrcnn_r50_fpn as base_config
+from maskrcnn_jax import structures
 from maskrcnn_jax.weights import core
 
 # torchvision detection models normalise RGB input with ImageNet statistics (0..255 units).
-TORCHVISION_INPUT = core.InputNorm('RGB', tuple(base_config.TORCHVISION_PIXEL_MEAN),
-                                   tuple(base_config.TORCHVISION_PIXEL_STD))
+TORCHVISION_INPUT = core.InputNorm('RGB', tuple(structures.TORCHVISION_PIXEL_MEAN),
+                                   tuple(structures.TORCHVISION_PIXEL_STD))
 DETECTOR_BODY_PREFIX = 'backbone.body.'
 
 # BatchNorm's update counter: no inference meaning, absent from FrozenBatchNorm2d checkpoints.

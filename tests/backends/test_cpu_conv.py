@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskrcnn_jax.ops import conv
+from maskrcnn_jax.backends import cpu_conv as conv
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 

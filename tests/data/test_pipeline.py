@@ -210,28 +210,25 @@ def test_instances_over_the_cap_keep_the_largest(mixed_coco):
   assert out['gt_valid'].tolist() == [True] and out['gt_labels'].tolist() == [2]
 
 
-def test_eval_iterator_covers_every_image_once(mixed_coco):
+def test_predictor_and_pipeline_share_one_preprocessing(mixed_coco):
+  """The Predictor's input of an image is the training pipeline's without the flip, bit for bit
+  (one definition: transforms.prepare_image), and flipping mirrors only the content."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from maskrcnn_jax import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
+  from maskrcnn_jax.modeling import mask_rcnn  # pylint: disable=g-import-not-at-top
   ds = coco.load_coco(*mixed_coco)
-  config = _config(batch_size=3)
-  eval_ds = pipeline.make_eval_dataset(config, dataset=ds)
-  assert len(eval_ds) == 4 and eval_ds.label_map == ds.label_map
-  item = eval_ds[0]
-  np.testing.assert_array_equal(item['image'], coco.load_image(ds.records[0]['file_name']))
-  assert item['image_id'] == 1 and item['image_size'].tolist() == [64, 85]
-  ids = []
-  for batch in pipeline.make_eval_iterator(config, dataset=ds):
-    assert batch['images'].shape[0] == 3
-    for v, hw, i, orig in zip(batch['valid'], batch['image_size'], batch['image_id'],
-                              batch['orig_size']):
-      if v:
-        ids.append(int(i))
-        r = next(r for r in ds.records if r['image_id'] == i)
-        assert orig.tolist() == [r['height'], r['width']]
-        assert tuple(hw) == T.resize_shape(r['height'], r['width'], 64, 96)
-        assert structures.choose_bucket(*hw, config.input.buckets) == batch['images'].shape[1:3]
-      else:
-        assert i == -1
-  assert sorted(ids) == [1, 2, 5, 9]
+  config = _config()
+  spec = pipeline._InputSpec.from_config(config)
+  variables = mask_rcnn.init_variables(config, jax.random.key(0))
+  predictor = predictor_lib.Predictor(config, variables)
+  for record in ds.records:
+    image = coco.record_image(record)
+    ours, hw = pipeline.preprocess_image(image, config.input.min_size, False, spec)
+    theirs, hw2, bucket = predictor.preprocess(image)
+    np.testing.assert_array_equal(ours, theirs)
+    assert hw == hw2 and bucket == ours.shape[:2]
+    flipped, _ = pipeline.preprocess_image(image, config.input.min_size, True, spec)
+    np.testing.assert_array_equal(flipped[:hw[0], :hw[1]], ours[:hw[0], :hw[1]][:, ::-1])
 
 
 def test_load_dataset_records_generates_shapes(tmp_path):

@@ -1,4 +1,5 @@
-"""Detection postprocessing against a NumPy port of torchvision's postprocess_detections."""
+"""The box head: layers and flatten order, and its detections against a NumPy port of
+torchvision's postprocess_detections."""
 
 import functools
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskrcnn_jax.modeling import postprocess
+from maskrcnn_jax.modeling import box_head
 from tests.modeling import helpers
 
 NUM_PROPOSALS, NUM_CLASSES, DETECTIONS = 30, 4, 10
@@ -16,7 +17,7 @@ SCORE_THRESH, NMS_THRESH, MIN_SIZE = 0.05, 0.5, 1e-2
 WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 _post = jax.jit(functools.partial(
-    postprocess.postprocess_detections, score_thresh=SCORE_THRESH, nms_thresh=NMS_THRESH,
+    box_head.postprocess_detections, score_thresh=SCORE_THRESH, nms_thresh=NMS_THRESH,
     detections_per_img=DETECTIONS, min_box_size=MIN_SIZE, bbox_reg_weights=WEIGHTS))
 
 
@@ -81,3 +82,18 @@ def test_garbage_in_invalid_proposals_changes_nothing():
   for k in ref:
     np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
 
+
+def test_head_shapes_and_flatten_order():
+  head = box_head.TwoMLPHead(fc_dim=8, num_fc=2)
+  x = jnp.arange(2 * 3 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 3, 4)
+  params = jax.eval_shape(head.init, jax.random.key(0), x)['params']
+  assert set(params) == {'fc6', 'fc7'} and params['fc6']['kernel'].shape == (36, 8)
+  # fc6 sees the (C, H, W) flattening of torchvision: an identity fc6 returns x in that order.
+  ident = {'params': {'fc6': {'kernel': jnp.eye(36, 8), 'bias': jnp.zeros(8)},
+                      'fc7': {'kernel': jnp.eye(8), 'bias': jnp.zeros(8)}}}
+  out = head.apply(ident, x)
+  np.testing.assert_array_equal(out, np.asarray(x).transpose(0, 3, 1, 2).reshape(2, -1)[:, :8])
+  predictor = box_head.FastRCNNPredictor(num_classes=5)
+  (scores, deltas), _ = jax.eval_shape(
+      lambda: predictor.init_with_output(jax.random.key(0), jnp.zeros((7, 8))))
+  assert scores.shape == (7, 5) and deltas.shape == (7, 20)

@@ -15,7 +15,6 @@ BETA = 1.0 / 9
 # Jitted entry points: one compile per shape instead of one per eager op keeps the file fast.
 rpn_loss = jax.jit(losses.rpn_loss, static_argnames=('box_loss', 'beta'))
 fastrcnn_loss = jax.jit(losses.fastrcnn_loss, static_argnames=('box_loss', 'beta'))
-mask_loss = jax.jit(losses.mask_loss, static_argnames=('class_axis',))
 sigmoid_bce = jax.jit(losses.sigmoid_bce)
 softmax_ce = jax.jit(losses.softmax_ce)
 smooth_l1 = jax.jit(losses.smooth_l1, static_argnames=('beta',))
@@ -78,10 +77,8 @@ def test_bfloat16_inputs_give_float32_losses():
   assert sigmoid_bce(x, jnp.ones_like(x)).dtype == jnp.float32
   assert softmax_ce(x, jnp.array([1])).dtype == jnp.float32
   assert smooth_l1(x, jnp.zeros_like(x), BETA).dtype == jnp.float32
-  out = mask_loss(jnp.zeros((2, 3, 4, 4), jnp.bfloat16), jnp.array([1, 2]),
-                         jnp.ones((2, 4, 4)), jnp.array([True, False]))
-  assert out['loss_mask'].dtype == jnp.float32
-  np.testing.assert_allclose(out['loss_mask'], math.log(2), rtol=1e-6)
+  np.testing.assert_allclose(sigmoid_bce(jnp.zeros((2, 4), jnp.bfloat16), jnp.ones((2, 4))),
+                             8 * math.log(2), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- RPN
@@ -181,118 +178,3 @@ def test_fastrcnn_loss_padding_invariance_no_foreground_and_gradients():
   assert bg_only['loss_box_reg'] == 0 and np.isfinite(bg_only['loss_classifier'])
   empty = fastrcnn_loss(logits, deltas, labels, targets, np.zeros(5, bool))
   assert empty['loss_classifier'] == 0 and empty['loss_box_reg'] == 0
-
-
-# ----------------------------------------------------------------------------- mask head
-
-
-def test_mask_loss_hand_computed_and_class_axis():
-  rng = np.random.default_rng(4)
-  r, k, m = 4, 3, 5
-  logits = rng.normal(size=(r, k, m, m)).astype(np.float32)
-  labels = np.array([2, 1, 0, 1], np.int32)
-  targets = (rng.random((r, m, m)) > 0.5).astype(np.float32)
-  fg = np.array([1, 1, 0, 0], bool)
-  out = mask_loss(logits, labels, targets, fg)
-  chosen = logits[np.arange(r), labels]
-  want = np_bce(chosen[fg], targets[fg]).mean()  # mean over foreground pixels
-  np.testing.assert_allclose(out['loss_mask'], want, rtol=1e-5)
-  nhwc = mask_loss(np.moveaxis(logits, 1, -1), labels, targets, fg, class_axis=-1)
-  gathered = mask_loss(chosen, labels, targets, fg)
-  np.testing.assert_allclose(nhwc['loss_mask'], want, rtol=1e-5)
-  np.testing.assert_allclose(gathered['loss_mask'], want, rtol=1e-5)
-
-
-def test_mask_loss_no_foreground_is_zero_without_nan_and_perfect_is_zero():
-  rng = np.random.default_rng(5)
-  logits = rng.normal(size=(3, 2, 4, 4)).astype(np.float32)
-  logits[2] = np.nan  # a padded slot
-  labels = np.array([1, 1, 0], np.int32)
-  targets = (rng.random((3, 4, 4)) > 0.5).astype(np.float32)
-  f = lambda x, fg: mask_loss(x, labels, targets, fg)['loss_mask']
-  none = np.zeros(3, bool)
-  assert f(logits, none) == 0
-  g = jax.grad(f)(logits, none)
-  assert np.all(g == 0)
-  fg = np.array([True, True, False])
-  perfect = logits.copy()
-  perfect[:2, 1] = np.where(targets[:2] > 0, 40.0, -40.0)
-  assert f(perfect, fg) < 1e-12
-  g = jax.grad(f)(logits, fg)
-  assert np.all(np.isfinite(g)) and np.any(g != 0) and np.all(g[2] == 0)
-
-
-def test_batch_normaliser_reproduces_torchvision_concatenated_mean():
-  """Per-image losses with normalizer = mean count, averaged over images, equal the loss of the
-  concatenated batch (torchvision), even when the images have different foreground counts."""
-  rng = np.random.default_rng(6)
-  logits = rng.normal(size=(2, 4, 3, 6, 6)).astype(np.float32)
-  labels = rng.integers(0, 3, (2, 4)).astype(np.int32)
-  targets = (rng.random((2, 4, 6, 6)) > 0.5).astype(np.float32)
-  fg = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], bool)
-  per_image = jax.jit(jax.vmap(losses.mask_loss))(logits, labels, targets, fg)
-  normalizer = jnp.mean(per_image['num_foreground'])
-  fn = jax.jit(jax.vmap(functools.partial(losses.mask_loss, normalizer=normalizer)))
-  batch = jnp.mean(fn(logits, labels, targets, fg)['loss_mask'])
-  concat = mask_loss(logits.reshape(8, 3, 6, 6), labels.reshape(8), targets.reshape(8, 6, 6),
-                            fg.reshape(8))['loss_mask']
-  np.testing.assert_allclose(batch, concat, rtol=1e-5)
-  assert not np.isclose(jnp.mean(per_image['loss_mask']), concat, rtol=1e-3)
-
-
-# ------------------------------------------------------------------ active_rows_loss
-
-
-def _row_loss(p, x, aux):
-  """A per-row loss (tanh layer, squared error) summed over valid rows: `[B, R, C]` rows."""
-  h = jnp.tanh(jnp.einsum('brc,cd->brd', x, p['w']) + p['b'])
-  per_row = jnp.sum((h - aux['target']) ** 2, axis=-1)
-  return jnp.sum(jnp.where(aux['valid'], per_row, 0.0))
-
-
-@pytest.mark.parametrize('seed', range(6))
-def test_active_rows_loss_equals_full_sum_with_gradients(seed):
-  rng = np.random.default_rng(seed)
-  b, n, c, d = rng.integers(1, 4), rng.integers(1, 13), 5, 3
-  num_active = rng.integers(0, n + 1, b)
-  num_active[rng.integers(b)] = rng.choice([0, n])  # the edge cases: nothing, everything
-  params = {'w': jnp.asarray(rng.normal(size=(c, d)), jnp.float32),
-            'b': jnp.asarray(rng.normal(size=d), jnp.float32)}
-  rows = jnp.asarray(rng.normal(size=(b, n, c)), jnp.float32)
-  aux = {'target': jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32),
-         'valid': jnp.asarray(np.arange(n)[None] < num_active[:, None])}
-  want, want_grads = jax.value_and_grad(_row_loss, argnums=(0, 1))(params, rows, aux)
-  for chunk in (1, 2, 5, n, n + 3):
-    fn = jax.jit(jax.value_and_grad(
-        lambda p, x, a, k, chunk=chunk: losses.active_rows_loss(_row_loss, p, x, a, k, chunk),
-        argnums=(0, 1)))
-    got, got_grads = fn(params, rows, aux, jnp.asarray(num_active))
-    np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f'chunk {chunk}')
-    for g, w in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
-      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=f'chunk {chunk}')
-    value_only = losses.active_rows_loss(_row_loss, params, rows, aux, num_active, chunk)
-    np.testing.assert_allclose(value_only, want, rtol=1e-5)
-
-
-def test_active_rows_loss_skips_inactive_chunks_and_compiles_once():
-  """Rows past num_active are never read (NaN there changes nothing) and the loop length is a
-  runtime value: one trace for every num_active."""
-  traces = []
-
-  def fn(p, x, aux):
-    traces.append(1)
-    return _row_loss(p, x, aux)
-
-  params = {'w': jnp.ones((2, 2)), 'b': jnp.zeros(2)}
-  rows = jnp.ones((1, 8, 2)).at[0, 4:].set(jnp.nan)
-  aux = {'target': jnp.zeros((1, 8, 2)), 'valid': jnp.arange(8)[None] < 4}
-  step = jax.jit(jax.value_and_grad(
-      lambda p, x, k: losses.active_rows_loss(fn, p, x, aux, k, 2), argnums=(0, 1)))
-  for k in (4, 0, 3):
-    value, (dp, dx) = step(params, rows, jnp.array([k]))
-    # valid marks 4 rows; only the first ceil(k / 2) chunks are visited.
-    visited = min(4, -(-k // 2) * 2)
-    np.testing.assert_allclose(value, visited * 2 * np.tanh(2.0) ** 2, rtol=1e-6)
-    assert np.isfinite(np.asarray(dx)).all() and np.isfinite(np.asarray(dp['w'])).all()
-    assert (np.asarray(dx[0, visited:]) == 0).all() and (np.asarray(dx[0, :visited]) != 0).all()
-  assert len(traces) == 1

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax import test_util as jtu
 
+from maskrcnn_jax.backends import cpu_gather
 from maskrcnn_jax.ops import roi_align as roi_ops
 
 GOLDEN = pathlib.Path(__file__).parent / 'golden' / 'ops_golden.npz'
@@ -156,16 +157,15 @@ def test_many_chunks_in_position_order_return_input_order(monkeypatch):
   # first tap; outputs and gradients must still match the reference RoI by RoI. The shapes are
   # unique to this test, so the patched chunk size is traced afresh.
   c = 5
-  monkeypatch.setattr(roi_ops, 'CPU_CHUNK_BYTES', 3 * 2 * 2 * 16 * c * 4)
-  monkeypatch.setattr(roi_ops, 'ACCELERATOR_CHUNK_BYTES', 3 * 2 * 2 * 16 * c * 4)
+  monkeypatch.setattr(cpu_gather, 'CHUNK_BYTES', 3 * 2 * 2 * 16 * c * 4)
   rng = np.random.default_rng(7)
   feat = rng.standard_normal((11, 13, c)).astype(np.float32)
   boxes = odd_boxes(rng, 25, 22, 26)
   cot = rng.standard_normal((25, 2, 2, c)).astype(np.float32)
-  assert roi_ops._chunking(25, 2, 2, 16, c) == (3, 9)  # pylint: disable=protected-access
+  assert cpu_gather._chunking(25, 2, 2, 16, c) == (3, 9)  # pylint: disable=protected-access
 
   def loss(f, b, t):
-    out = roi_ops.roi_align(f, b, (2, 2), 0.5, 2, False)
+    out = roi_ops.roi_align(f, b, (2, 2), 0.5, 2, False, backend='cpu')
     return jnp.vdot(out, t), out
   (_, out), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(feat, boxes, cot)
   ref, ref_grad = np_roi_align(feat, boxes, (2, 2), 0.5, 2, False, cot)
