@@ -95,7 +95,8 @@ def evaluate(predictor: Predictor, records: Iterable[Any], gt_json: coco_eval.Gr
     for (image_id, image), prediction in zip(batch, predictions):
       image_ids.append(image_id)
       has_masks &= prediction.get('masks') is not None
-      results.extend(coco_eval.detections_to_coco_results(image_id, prediction, label_to_category_id))
+      results.extend(coco_eval.detections_to_coco_results(image_id, prediction,
+                                                          label_to_category_id))
       if len(pictures) < num_pictures:
         pictures.append((image_id, visualize.draw_predictions(image, prediction, class_names,
                                                               score_thresh=PICTURE_SCORE_THRESH)))
@@ -131,7 +132,8 @@ def evaluate(predictor: Predictor, records: Iterable[Any], gt_json: coco_eval.Gr
 # ============================================================================ from a config
 def _label_map_from_meta(meta: Mapping[str, Any]):
   """The stored label map of a checkpoint as a `data.coco.LabelMap`, or None."""
-  l2c = coco_eval.as_label_to_category_id(meta.get('label_to_category_id') or {})  # JSON keys are str
+  # JSON keys are str.
+  l2c = coco_eval.as_label_to_category_id(meta.get('label_to_category_id') or {})
   if not l2c:
     return None
   labels = sorted(l2c)
@@ -154,8 +156,8 @@ def evaluate_config(config, variables, step: Optional[int], *, workdir: str,
   batch_size = max(1, int(config.input.batch_size) // jax.process_count())
   predictor = predictor_lib.Predictor(config, variables, batch_size=batch_size, model=model)
   # The records themselves: the Predictor reads, resizes and normalises each image.
-  gt = dataset.gt_dict() if hasattr(dataset, 'gt_dict') else dataset.json_path
-  return evaluate(predictor, dataset.records, gt, dataset.label_map,
+  # The normalised ground truth (unique ids, iscrowd and area filled), not the raw file.
+  return evaluate(predictor, dataset.records, dataset.gt_dict(), dataset.label_map,
                   os.path.join(workdir, 'eval'), num_pictures=config.run.num_eval_pictures,
                   step=step, summary_writer=summary_writer, batch_size=batch_size)
 

@@ -12,8 +12,9 @@ Compile time (our first call) is reported separately from the steady-state media
 is reported twice: over the whole process (compilation and first step included) and over the
 timed steps only (the kernel's VmHWM, restarted after the first call). After the first call both
 train cases return the C heap's free pages to the OS (glibc malloc_trim), as our train loop
-does after every step that compiled (`backends.host.release_host_memory`). `--cpu_memory_scheduler` runs
-our cases with XLA:CPU's memory-minimising op order (less memory, slower on 2 cores). The
+does after every step that compiled (`backends.host.release_host_memory`).
+`--cpu_memory_scheduler` runs our cases with XLA:CPU's memory-minimising op order (less memory,
+slower on 2 cores). The
 script restarts itself with glibc's huge-page malloc as the `maskrcnn-jax` CLI does, for both
 frameworks' cases; `MASKRCNN_JAX_MALLOC=default` keeps the C library's default allocator.
 
@@ -336,8 +337,8 @@ def main() -> None:
     if args.cpu_memory_scheduler and case.startswith('jax'):
       env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {MEMORY_SCHEDULER_FLAG}'.strip()
     proc = subprocess.run([sys.executable, __file__, '--only', case, '--repeats',
-                           str(args.repeats), '--backend', args.backend], capture_output=True, text=True, env=env,
-                          check=False)
+                           str(args.repeats), '--backend', args.backend],
+                          capture_output=True, text=True, env=env, check=False)
     lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
     if proc.returncode or not lines:
       print(f'{case}: failed\n{proc.stderr[-3000:]}', file=sys.stderr)

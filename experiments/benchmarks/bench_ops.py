@@ -13,13 +13,14 @@ Workloads: RoIAlign 7x7, sampling_ratio 2, legacy (aligned=False), spatial_scale
 backward is the gradient of <out, cotangent> with respect to the features. NMS: 4000 random
 boxes, IoU threshold 0.7, all kept boxes returned (max_output = 4000); and the box-head case
 of 1000 proposals x 90 classes = 90000 class-aware candidates, threshold 0.5, 100 outputs.
-Conv kernel gradients (`backends/cpu_conv.py` against XLA's own `lax.conv_general_dilated` gradient and
-torch's `conv2d_weight`): a 3x3 256->256 conv and a 1x1 256->128 conv on a 1 x 200 x 304 x 256
-map (P2 / res2 of an 800 x 1216 input), stride 1.
+Conv kernel gradients (`backends/cpu_conv.py` against XLA's own `lax.conv_general_dilated`
+gradient and torch's `conv2d_weight`): a 3x3 256->256 conv and a 1x1 256->128 conv on a
+1 x 200 x 304 x 256 map (P2 / res2 of an 800 x 1216 input), stride 1. `--backend` sets
+RoIAlign's `execution.backend` ('xla': the plain program).
 
 The process restarts itself with glibc's huge-page malloc as the `maskrcnn-jax` CLI does
-(`backends.host.reexec_with_huge_page_malloc`; ours and torchvision share the process, so both get it);
-`MASKRCNN_JAX_MALLOC=default` keeps the C library's default allocator.
+(`backends.host.reexec_with_huge_page_malloc`; ours and torchvision share the process, so both
+get it); `MASKRCNN_JAX_MALLOC=default` keeps the C library's default allocator.
 """
 
 import argparse

@@ -37,7 +37,8 @@ def _chunk_plan(idx, c):
   `order` (int32 `[num_chunks * chunk]`, chunk from `_chunking`) lists the RoIs sorted by the
   flat index of their first tap (by level, then row, then column), then the padding slots
   `N..`: neighbouring RoIs read and update overlapping feature rows one after the other, while
-  the rows are still in cache (measured faster forward and backward on 1000 random RoIs; docs/performance.md).
+  the rows are still in cache (measured faster forward and backward on 1000 random RoIs;
+  docs/performance.md).
   """
   n, oh, ow, k = idx.shape
   chunk, num_chunks = _chunking(n, oh, ow, k, c)
@@ -146,7 +147,8 @@ def _weighted_gather_bwd(res, g):
     updates = (wts[i][:, :, None] * g_i[:, None, :]).reshape(-1, c)
     return grad.at[idx[i]].add(updates, mode='promise_in_bounds')
 
-  grad = jax.lax.fori_loop(0, num_chunks, body, cpu_memory.zeros_after((num_rows, c), jnp.float32, g))
+  zeros = cpu_memory.zeros_after((num_rows, c), jnp.float32, g)
+  grad = jax.lax.fori_loop(0, num_chunks, body, zeros)
   return grad.astype(carrier.dtype), None, None
 
 

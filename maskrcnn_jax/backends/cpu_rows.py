@@ -58,9 +58,9 @@ def active_rows_loss(fn: Callable[[Any, jnp.ndarray, Any], jnp.ndarray], params:
 
   Static shapes make a head run on every slot, padding included: the mask head always sees
   the 128 foreground slots per image of 512 sampled RoIs, although only `num_active[b]` of them
-  are real (torchvision runs it on exactly those). Here a `lax.while_loop` visits only the chunks that hold a real row: `ceil(max_b
-  num_active[b] / chunk)` iterations, each on `[B, chunk]` rows. The loop count is a runtime
-  value, so nothing recompiles.
+  are real (torchvision runs it on exactly those). Here a `lax.while_loop` visits only the
+  chunks that hold a real row: `ceil(max_b num_active[b] / chunk)` iterations, each on
+  `[B, chunk]` rows. The loop count is a runtime value, so nothing recompiles.
 
   A dynamic-length loop cannot be reverse-differentiated, so this is a `custom_vjp` that computes
   the gradient in the forward pass: each chunk's `value_and_grad`, accumulated in float32. The

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from maskrcnn_jax.modeling import heads
+from maskrcnn_jax.modeling import resnet
 from maskrcnn_jax.ops import boxes as box_ops
 from maskrcnn_jax.ops import losses as loss_ops
 from maskrcnn_jax.ops import nms as nms_ops
@@ -116,7 +117,6 @@ class BoxHead(heads.RoIHead):
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'BoxHead':
-    from maskrcnn_jax.modeling import resnet  # pylint: disable=g-import-not-at-top
     m = config.model
     return cls(m.box_head, m.roi, m.test, int(m.num_classes), resnet.dtype_of(config))
 

@@ -19,6 +19,7 @@ import numpy as np
 from maskrcnn_jax import backends
 from maskrcnn_jax.backends import xla
 from maskrcnn_jax.modeling import heads
+from maskrcnn_jax.modeling import resnet
 from maskrcnn_jax.ops import losses as loss_ops
 from maskrcnn_jax.ops import masks as mask_ops
 from maskrcnn_jax.ops import sampling
@@ -98,7 +99,6 @@ class MaskHead(heads.RoIHead):
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
                   backend: backends.Backend) -> 'MaskHead':
-    from maskrcnn_jax.modeling import resnet  # pylint: disable=g-import-not-at-top
     m = config.model
     return cls(m.mask_head, int(m.roi.mask_output_size), int(m.num_classes),
                bool(m.roi.aligned), float(m.test.mask_thresh),

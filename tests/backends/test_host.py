@@ -36,7 +36,8 @@ def test_huge_page_malloc_env():
 
 @pytest.mark.parametrize('choice', ['hugepage', 'default'])
 def test_reexec_sets_the_tunable_only_where_it_helps(choice):
-  code = ('import os, sys; sys.path.insert(0, os.getcwd()); from maskrcnn_jax.backends import host; '
+  code = ('import os, sys; sys.path.insert(0, os.getcwd()); '
+          'from maskrcnn_jax.backends import host; '
           'host.reexec_with_huge_page_malloc(); '
           'print("tunables=" + os.environ.get("GLIBC_TUNABLES", ""))')
   environ = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
