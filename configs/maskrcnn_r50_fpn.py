@@ -24,6 +24,7 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   m = c.model = ml_collections.ConfigDict()
   m.num_classes = 91  # includes background at label 0 (torchvision's COCO label space)
   m.mask_on = True
+  m.keypoint_on = False  # Keypoint R-CNN's head (configs/keypointrcnn_r50_fpn.py)
   m.roi_op = 'align'  # 'align' | 'pool'
 
   m.backbone = ml_collections.ConfigDict()
@@ -68,6 +69,7 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   m.roi = ml_collections.ConfigDict()
   m.roi.box_output_size = 7
   m.roi.mask_output_size = 14
+  m.roi.keypoint_output_size = 14  # torchvision keypoint_roi_pool MultiScaleRoIAlign(14)
   m.roi.sampling_ratio = 2  # torchvision MultiScaleRoIAlign(sampling_ratio=2)
   m.roi.aligned = False  # torchvision v1 uses the legacy (non half-pixel) RoIAlign
   m.roi.canonical_level = 4  # FPN paper eq. (1)
@@ -93,12 +95,28 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   m.mask_head.num_convs = 4
   m.mask_head.resolution = 28  # 2 x mask_output_size after the deconv
 
+  # torchvision KeypointRCNNHeads (8 x 512 3x3 convs) and KeypointRCNNPredictor (4x4 stride-2
+  # deconv, then 2x bilinear: 56 x 56 heatmaps).
+  m.keypoint_head = ml_collections.ConfigDict()
+  m.keypoint_head.conv_dim = 512
+  m.keypoint_head.num_convs = 8
+  m.keypoint_head.resolution = 56  # 4 x keypoint_output_size
+  # Keypoints of each label's own set, background (label 0) first, e.g. (0, 17) for COCO
+  # person; () when keypoint_on is False. A category's names come from the dataset.
+  m.keypoint_head.num_keypoints = ml_collections.FieldReference((), field_type=tuple)
+  # 'visible': divide by the batch's valid keypoints (torchvision); 'fixed': by images x
+  # keypoints x foreground slots (detectron2 NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS=False).
+  m.keypoint_head.loss_normalizer = 'visible'
+
   m.test = ml_collections.ConfigDict()
   m.test.score_thresh = 0.05
   m.test.nms_thresh = 0.5
   m.test.detections_per_img = 100
   m.test.min_box_size = 1e-2  # torchvision roi_heads.postprocess_detections
   m.test.mask_thresh = 0.5
+  # 'torchvision' (integer expanded box, resize, prob > thresh) | 'detectron2' (grid_sample
+  # at pixel centres in the float box, prob >= thresh): ops/masks.py
+  m.test.mask_paste = 'torchvision'
 
   # ---------------------------------------------------------------- input
   i = c.input = ml_collections.ConfigDict()
@@ -120,11 +138,12 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
-  d.source = 'coco'  # 'coco' | 'shapes' (TFDS records: data.tfds_builder.records_from_tfds)
+  # 'coco' | 'shapes' | 'shapes_keypoints' (TFDS records: data.tfds_builder.records_from_tfds)
+  d.source = 'coco'
   # 'contiguous': labels 1..K in ascending category id; 'category_id': the raw COCO id is the
   # label (torchvision's 91-class space, for converted torchvision weights).
   d.label_space = 'category_id'  # num_classes = 91 is torchvision's COCO label space
-  d.root = 'data/shapes'  # data.source='shapes' only
+  d.root = 'data/shapes'  # the synthetic sources only; each kind needs a folder of its own
   d.train_images = ''
   d.train_json = ''
   d.val_images = ''
@@ -137,6 +156,19 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   # Default 10: undecodable training images skipped at run time, each replaced by another image
   # of its size bucket, before training stops listing them (counted per loader process).
   d.max_bad_images = 10
+  # ---- keypoints (read only with model.keypoint_on). Per-label fields are () or one entry per
+  # label, background first (the layout of model.keypoint_head.num_keypoints).
+  # Each keypoint's mirror under a horizontal flip. (): derived from the names (left_* <->
+  # right_*); an entry () keeps a label's derived map, else a permutation of 0..K_c-1 that is
+  # its own inverse, e.g. ((), (0, 2, 1)) for keypoints (apex, left_base, right_base).
+  d.keypoint_flip_map = ()
+  # OKS sigmas per label for keypoint AP. (): COCO's person sigmas (pycocotools), which fit
+  # only 17-keypoint sets; an entry holds K_c positive sigmas, e.g. ((), (0.05, 0.05, 0.05)).
+  d.keypoint_oks_sigmas = ()
+  # Training drops images with fewer labelled (v > 0) keypoints; 0: off. torchvision's person
+  # keypoint reference uses 10 (coco_utils._coco_remove_images_without_annotations),
+  # detectron2 1 (DATALOADER.MIN_KEYPOINTS_PER_IMAGE).
+  d.min_keypoints_per_image = 0
 
   # ---------------------------------------------------------------- optimisation
   o = c.optim = ml_collections.ConfigDict()

@@ -58,7 +58,9 @@ def evaluate(predictor: Predictor, records: Iterable[Any], gt_json: coco_eval.Gr
              label_to_category_id: Mapping[int, int], out_dir: "str | os.PathLike", *,
              num_pictures: int = 4, step: Optional[int] = None, summary_writer: Any = None,
              batch_size: int = 1, iou_types: Optional[Sequence[str]] = None,
-             tag_prefix: str = 'eval/') -> dict[str, float]:
+             tag_prefix: str = 'eval/',
+             keypoint_oks_sigmas: Optional[Mapping[int, Sequence[float]]] = None
+             ) -> dict[str, float]:
   """Predicts every record, computes COCO metrics and writes them out.
 
   Args:
@@ -74,8 +76,11 @@ def evaluate(predictor: Predictor, records: Iterable[Any], gt_json: coco_eval.Gr
     step: the training step, for the summary writer and metrics.json.
     summary_writer: a tensorboardX SummaryWriter (or anything with add_scalar/add_image).
     batch_size: images per predictor call.
-    iou_types: default 'bbox' plus 'segm' when the predictions carry masks.
+    iou_types: default 'bbox', plus 'segm' when the predictions carry masks and 'keypoints'
+      when they carry keypoints.
     tag_prefix: prefix of the summary tags.
+    keypoint_oks_sigmas: {category id: OKS sigmas} of the keypoint sets (coco_evaluate's;
+      `keypoint_oks_sigmas_of(config, label_map)` reads them from a config).
 
   Returns:
     The metrics of `coco_evaluate` over the predicted images.
@@ -85,8 +90,9 @@ def evaluate(predictor: Predictor, records: Iterable[Any], gt_json: coco_eval.Gr
   coco_gt = coco_eval.load_coco(gt_json)
   label_to_category_id = coco_eval.as_label_to_category_id(label_to_category_id)
   class_names = coco_eval.class_names_from_coco(coco_gt, label_to_category_id)
+  skeletons = coco_eval.keypoint_skeletons_from_coco(coco_gt, label_to_category_id)
   results, image_ids, pictures = [], [], []
-  has_masks = True
+  has_masks = has_keypoints = True
   for batch in _batches(records, batch_size):
     predictions = predictor([image for _, image in batch])
     if len(predictions) != len(batch):
@@ -95,19 +101,24 @@ def evaluate(predictor: Predictor, records: Iterable[Any], gt_json: coco_eval.Gr
     for (image_id, image), prediction in zip(batch, predictions):
       image_ids.append(image_id)
       has_masks &= prediction.get('masks') is not None
+      has_keypoints &= prediction.get('keypoints') is not None
       results.extend(coco_eval.detections_to_coco_results(image_id, prediction,
                                                           label_to_category_id))
       if len(pictures) < num_pictures:
-        pictures.append((image_id, visualize.draw_predictions(image, prediction, class_names,
-                                                              score_thresh=PICTURE_SCORE_THRESH)))
+        pictures.append((image_id, visualize.draw_predictions(
+            image, prediction, class_names, score_thresh=PICTURE_SCORE_THRESH,
+            keypoint_skeleton=skeletons)))
   if iou_types is None:
-    iou_types = coco_eval.IOU_TYPES if has_masks else ('bbox',)
+    # Keypoints need predicted keypoints and ground-truth categories that declare a set.
+    keypoints = has_keypoints and image_ids and coco_eval.keypoint_categories(coco_gt)
+    iou_types = ('bbox',) + (('segm',) if has_masks else ()) + (('keypoints',) if keypoints else ())
   logger.info('Evaluating %d detections on %d images (%s)', len(results), len(image_ids),
               ', '.join(iou_types))
 
   with open(os.path.join(out_dir, RESULTS_FILE), 'w') as f:
     json.dump(results, f)
-  metrics = coco_eval.coco_evaluate(coco_gt, results, iou_types=iou_types, image_ids=image_ids)
+  metrics = coco_eval.coco_evaluate(coco_gt, results, iou_types=iou_types, image_ids=image_ids,
+                                    keypoint_oks_sigmas=keypoint_oks_sigmas)
   with open(os.path.join(out_dir, METRICS_FILE), 'w') as f:
     json.dump({'step': step, 'num_images': len(image_ids), 'metrics': metrics}, f, indent=2)
 
@@ -144,6 +155,20 @@ def _label_map_from_meta(meta: Mapping[str, Any]):
   return coco.LabelMap(cats, tuple(names[:len(cats)]))
 
 
+def keypoint_oks_sigmas_of(config, label_map: coco.LabelMap) -> dict[int, tuple[float, ...]]:
+  """{category id: OKS sigmas} of the label map's keypoint sets from `data.keypoint_oks_sigmas`
+  (per label, background first; () takes COCO's person sigmas, only for 17 keypoints). Raises
+  ConfigError naming the field."""
+  counts = label_map.num_keypoints
+  counts += (0,) * (int(config.model.num_classes) - len(counts))
+  per_label = pipeline.keypoint_oks_sigmas(config, counts)
+  out = {}
+  for label, category in label_map.label_to_category_id().items():
+    if counts[label]:
+      out[category] = per_label[label] or coco_eval.COCO_PERSON_KEYPOINT_OKS_SIGMAS
+  return out
+
+
 def evaluate_config(config, variables, step: Optional[int], *, workdir: str,
                     meta: Optional[Mapping[str, Any]] = None, summary_writer: Any = None,
                     model: Optional[mask_rcnn.MaskRCNN] = None) -> dict[str, float]:
@@ -157,9 +182,12 @@ def evaluate_config(config, variables, step: Optional[int], *, workdir: str,
   predictor = predictor_lib.Predictor(config, variables, batch_size=batch_size, model=model)
   # The records themselves: the Predictor reads, resizes and normalises each image.
   # The normalised ground truth (unique ids, iscrowd and area filled), not the raw file.
+  sigmas = (keypoint_oks_sigmas_of(config, dataset.label_map)
+            if pipeline.keypoints_on(config) else None)
   return evaluate(predictor, dataset.records, dataset.gt_dict(), dataset.label_map,
                   os.path.join(workdir, 'eval'), num_pictures=config.run.num_eval_pictures,
-                  step=step, summary_writer=summary_writer, batch_size=batch_size)
+                  step=step, summary_writer=summary_writer, batch_size=batch_size,
+                  keypoint_oks_sigmas=sigmas)
 
 
 def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str) -> dict[str, float]:

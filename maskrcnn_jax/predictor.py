@@ -7,6 +7,7 @@ The model compiles once per size bucket (`config.input.buckets`); each RoI head 
 to original-image pixels (`postprocess`; the mask paste compiles once per canvas size).
 """
 
+import os
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -44,6 +45,7 @@ class Predictor:
     self.model = model if model is not None else mask_rcnn.build_model(self.config)
     self.variables = jax.device_put(variables)
     self.batch_size = int(batch_size)
+    self._box_head = mask_rcnn.box_head_of(self.model)
     self.trace_count = 0
     self._detect = jax.jit(self._detect_fn)
 
@@ -93,11 +95,9 @@ class Predictor:
 
   def _finish(self, det, slot: int, original_hw, resized_hw) -> dict[str, np.ndarray]:
     boxes = box_head.boxes_to_original(det['boxes'][slot], original_hw, resized_hw)
-    heads = self.model.heads
-    box = mask_rcnn.box_head_of(self.model)
-    out = box.postprocess(det, slot, boxes, original_hw)
-    for head in heads.values():
-      out.update(head.postprocess(det, slot, boxes, original_hw))
+    out = self._box_head.postprocess(det, slot, boxes, original_hw, resized_hw)
+    for head in self.model.heads.values():
+      out.update(head.postprocess(det, slot, boxes, original_hw, resized_hw))
     return out
 
 
@@ -110,6 +110,27 @@ def _class_names(meta: dict, num_classes: int) -> Optional[list[str]]:
   return names if len(names) == num_classes else None
 
 
+def check_output_path(out_path: str) -> None:
+  """Refuses, before any model is loaded, an `out_path` the picture could not be written to:
+  its directory missing (raises FileNotFoundError; it is not created, so that a mistyped path
+  fails instead of writing somewhere unexpected) or not writable (PermissionError), the path a
+  directory (IsADirectoryError), or an extension PIL cannot write (ValueError). Each message
+  names the path."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  directory = os.path.dirname(os.path.abspath(out_path))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'--out {out_path}: the directory {directory} does not exist; '
+                            'create it first')
+  if os.path.isdir(out_path):
+    raise IsADirectoryError(f'--out {out_path} is a directory; name a picture file in it')
+  if not os.access(directory, os.W_OK):
+    raise PermissionError(f'--out {out_path}: the directory {directory} is not writable')
+  extension = os.path.splitext(out_path)[1].lower()
+  if extension not in Image.registered_extensions():
+    raise ValueError(f'--out {out_path}: cannot write pictures with extension '
+                     f'{extension or "(none)"}; use .png or .jpg')
+
+
 def predict_to_file(config: ml_collections.ConfigDict, image_path: str, out_path: str,
                     checkpoint: str, score_thresh: float = 0.5) -> dict[str, np.ndarray]:
   """`maskrcnn-jax predict`: detects on one image file and draws the result into `out_path`.
@@ -117,6 +138,8 @@ def predict_to_file(config: ml_collections.ConfigDict, image_path: str, out_path
   `checkpoint` is a training workdir or a converted checkpoint directory; without one the
   weights are random and the command says so. Returns the
   prediction (all valid detections; only those scoring >= `score_thresh` are drawn).
+  What can fail cheaply (the output path, `check_output_path`; the image) is checked before the
+  model is restored and compiled.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from maskrcnn_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
@@ -125,6 +148,8 @@ def predict_to_file(config: ml_collections.ConfigDict, image_path: str, out_path
   from maskrcnn_jax.data import coco  # pylint: disable=g-import-not-at-top
 
   structures.validate_config(config)
+  check_output_path(out_path)
+  image = coco.load_image(image_path)  # any PIL mode -> RGB uint8; clear error naming the file
   if checkpoint:
     abstract = jax.eval_shape(lambda: mask_rcnn.init_variables(config, jax.random.key(0)))
     variables, meta = ckpt.restore_variables(checkpoint, abstract, config)
@@ -133,9 +158,11 @@ def predict_to_file(config: ml_collections.ConfigDict, image_path: str, out_path
           f'{config.seed}), so the detections drawn into {out_path} mean nothing.', flush=True)
     variables = mask_rcnn.init_variables(config, jax.random.key(config.seed))
     meta = {}
-  image = coco.load_image(image_path)  # any PIL mode -> RGB uint8; clear error naming the file
   prediction = Predictor(config, variables)(image)
   names = _class_names(meta or {}, int(config.model.num_classes))
-  picture = visualize.draw_predictions(image, prediction, names, score_thresh=score_thresh)
+  # Stored per label 1..K like class_names (entry i is label i + 1); none without keypoints.
+  skeletons = {i + 1: s for i, s in enumerate((meta or {}).get('keypoint_skeleton') or [])}
+  picture = visualize.draw_predictions(image, prediction, names, score_thresh=score_thresh,
+                                       keypoint_skeleton=skeletons)
   Image.fromarray(picture).save(out_path)
   return prediction

@@ -203,9 +203,43 @@ def bench_conv_grad(rng, repeats):
   return rows, {row: timed[row.rsplit(' (', 1)[0]] for row in rows if theirs}
 
 
+def bench_keypoint_predictor(rng, repeats):
+  """The keypoint predictor's forward+backward on 128 RoIs (64 -> 20 channels, 14 -> 56):
+  the XLA:CPU form (phase convs) and the plain one (XLA's transposed conv) against torch's
+  ConvTranspose2d + bilinear upsampling."""
+  from maskrcnn_jax.backends import cpu, xla  # pylint: disable=g-import-not-at-top
+  from maskrcnn_jax.ops import keypoints as kp_ops  # pylint: disable=g-import-not-at-top
+  ours, theirs = {}, {}
+  x = rng.standard_normal((128, 14, 14, 64)).astype(np.float32)
+  w = (rng.standard_normal((4, 4, 20, 64)) * 0.05).astype(np.float32)
+  b = np.zeros(20, np.float32)
+  name = 'keypoint predictor fwd+bwd, 128 RoIs 14x14x64 -> 56x56x20'
+  for label, backend in (('ours', cpu.CPU), ("XLA's", xla.PLAIN)):
+    def loss(x, w, b, backend=backend):
+      y = kp_ops.upsample2x_bilinear(backend.conv_transpose_4x4_stride2(x, w, b))
+      return jnp.sum(y * y)
+    f = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    ours[f'{name} ({label})'] = _compile(f, tuple(map(jnp.asarray, (x, w, b))))
+  if torch is not None:
+    layer = torch.nn.ConvTranspose2d(64, 20, 4, stride=2, padding=1)
+    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+
+    def t_step():
+      layer.zero_grad()
+      y = torch.nn.functional.interpolate(layer(tx), scale_factor=2, mode='bilinear',
+                                          align_corners=False)
+      (y * y).sum().backward()
+
+    theirs[name] = t_step
+  rows, timed = _rows(ours, theirs, repeats)
+  return rows, {row: timed[row.rsplit(' (', 1)[0]] for row in rows if theirs}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=11)
+  parser.add_argument('--only', choices=('roi_align', 'nms', 'conv_grad', 'keypoint_predictor'),
+                      help='run one group of rows')
   parser.add_argument('--backend', default='auto', choices=('auto', 'xla', 'cpu'),
                       help="RoIAlign's execution.backend ('xla': the plain program)")
   args = parser.parse_args()
@@ -215,8 +249,12 @@ def main():
            f'({torch.get_num_threads()} threads)' if torch is not None else ''))
   results = []
   print(f'RoIAlign backend: {args.backend}')
-  for bench in (functools.partial(bench_roi_align, backend=args.backend), bench_nms,
-                bench_conv_grad):
+  benches = {'roi_align': functools.partial(bench_roi_align, backend=args.backend),
+             'nms': bench_nms, 'conv_grad': bench_conv_grad,
+             'keypoint_predictor': bench_keypoint_predictor}
+  for group, bench in benches.items():
+    if args.only and group != args.only:
+      continue
     ours, theirs = bench(rng, args.repeats)
     for name, timings in ours.items():
       results.append((name, timings, theirs.get(name)))

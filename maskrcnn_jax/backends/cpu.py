@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from maskrcnn_jax.backends import cpu_conv
+from maskrcnn_jax.backends import cpu_deconv
 from maskrcnn_jax.backends import cpu_gather
 from maskrcnn_jax.backends import cpu_mask
 from maskrcnn_jax.backends import cpu_memory
@@ -72,4 +73,5 @@ CPU = hooks.Backend(
     zeros_after=cpu_memory.zeros_after,
     mask_predictor=cpu_mask.MaskPredictor,
     module_rows_loss=cpu_rows.module_rows_loss,
+    conv_transpose_4x4_stride2=cpu_deconv.conv_transpose_4x4_stride2,
 )

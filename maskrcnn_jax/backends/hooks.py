@@ -35,6 +35,9 @@ class Backend:
       parameters and outputs, or None for that module itself.
     module_rows_loss: `(fn, modules, rows, aux, num_active, chunk) -> f32 []`, a head's loss
       summed over its slots (plain: `fn(modules, rows, aux)` on every slot).
+    conv_transpose_4x4_stride2: `(x [N, H, W, C], kernel [4, 4, out, C], bias) -> [N, 2H, 2W,
+      out]`, torch's `ConvTranspose2d(k=4, s=2, p=1)` (the keypoint predictor; plain:
+      `lax.conv_transpose`).
   """
   name: str
   conv_general_dilated: Callable[..., Any]
@@ -46,6 +49,7 @@ class Backend:
   zeros_after: Callable[..., Any]
   mask_predictor: Optional[type]
   module_rows_loss: Callable[..., Any]
+  conv_transpose_4x4_stride2: Callable[..., Any]
 
 
 # Every XLA:CPU construct runs under a `jax.named_scope` with this prefix, so profiles and

@@ -34,6 +34,14 @@ def module_rows_loss(fn, modules, rows, aux, num_active, chunk):
   return fn(dict(modules), rows, aux)
 
 
+def conv_transpose_4x4_stride2(x, kernel, bias):
+  """torch `ConvTranspose2d(k=4, s=2, p=1)` as flax's `ConvTranspose(transpose_kernel=True)`
+  computes it: padding k - 1 - p = 2 on the stride-dilated input; kernel `[4, 4, out, C]`."""
+  y = lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)),
+                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), transpose_kernel=True)
+  return y + bias
+
+
 PLAIN = hooks.Backend(
     name='xla',
     conv_general_dilated=lax.conv_general_dilated,
@@ -45,4 +53,5 @@ PLAIN = hooks.Backend(
     zeros_after=zeros_after,
     mask_predictor=None,
     module_rows_loss=module_rows_loss,
+    conv_transpose_4x4_stride2=conv_transpose_4x4_stride2,
 )

@@ -14,6 +14,15 @@ A record is one image with its annotations in the ORIGINAL image frame:
     segmentations  list of N raw COCO segmentations (polygon lists or RLE dicts), validated;
                    None for a box-only annotation (only with `load_coco(require_masks=False)`)
     has_mask       bool    [N]     the annotation has a segmentation
+    (only with `load_coco(with_keypoints=True)`:)
+    keypoints      float32 [N, K, 3]  (x, y, v) per keypoint of the annotation's category, in
+                   ORIGINAL image pixels exactly as the file gives them (no +0.5 shift:
+                   torchvision's convention); K = the largest set of the label map, zeros past
+                   the category's own K_c and for categories without a set
+    num_keypoints  int32   [N]     labelled keypoints (v > 0), COCO's `num_keypoints`
+
+Keypoint sets are per category (`categories[i]['keypoints']`, names, and `skeleton`, 1-based
+index pairs, the COCO convention); the label map carries them per label (`LabelMap`).
 
 Masks are decoded lazily with `decode_masks(record)`, exactly as pycocotools' `annToMask`.
 Problems in the input are either a `CocoFormatError`/`ImageDecodeError` naming the file, image
@@ -43,8 +52,9 @@ MAX_LOGGED_EXAMPLES = 5  # how many offending ids/files a warning lists
 UINT16_TO_UINT8 = 257.0  # 65535 / 255: maps 16-bit intensities onto 0..255
 EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how the stored pixels are turned for display
 MAX_LISTED_ERRORS = 50  # how many bad images an up-front verification error lists
+KEYPOINT_VISIBILITIES = (0, 1, 2)  # COCO: 0 not labelled, 1 labelled but hidden, 2 visible
 # Normalisations that are routine for some datasets: logged at INFO, not as warnings.
-_INFO_REASONS = ('annotation_box_only_kept',)
+_INFO_REASONS = ('annotation_box_only_kept', 'keypoints_missing_set_0')
 
 
 class CocoFormatError(ValueError):
@@ -56,16 +66,112 @@ class ImageDecodeError(OSError):
 
 
 # ------------------------------------------------------------------------------ label maps
+KeypointSet = tuple[tuple[str, ...], tuple[tuple[int, int], ...]]  # (names, 0-based skeleton)
+_SIDES = (('left_', 'right_'), ('right_', 'left_'))
+
+
+def flip_map_from_names(names: Sequence[str]) -> tuple[int, ...]:
+  """The mirror of each keypoint under a horizontal flip, derived from its name.
+
+  Entry k is the index of keypoint k's mirror: `left_<part>` <-> `right_<part>`, and itself for
+  a name without a side (`nose`, `apex`) or whose other side is not in the set. Applied to a
+  flipped instance as `flipped[k] = keypoints[flip_map[k]]` (torchvision's
+  `_flip_coco_person_keypoints` does this with COCO's fixed person list).
+  """
+  index = {n: k for k, n in enumerate(names)}
+  out = []
+  for k, name in enumerate(names):
+    mirror = k
+    for side, other in _SIDES:
+      if name.startswith(side) and other + name[len(side):] in index:
+        mirror = index[other + name[len(side):]]
+    out.append(mirror)
+  return tuple(out)
+
+
+def category_keypoint_sets(categories: Sequence[dict[str, Any]], where: str
+                           ) -> dict[int, KeypointSet]:
+  """{category id: (keypoint names, 0-based skeleton pairs)} of the categories that declare a
+  keypoint set (a non-empty `keypoints` list; `skeleton` optional, 1-based as COCO writes it).
+
+  Raises:
+    CocoFormatError: names that are not a list of distinct strings, or a skeleton that is not a
+      list of index pairs within 1..K_c; the message starts with `where` and names the category.
+  """
+  sets = {}
+  for i, cat in enumerate(categories):
+    names = cat.get('keypoints')
+    if not names:
+      continue
+    what = f'{where}: categories[{i}] (id {cat["id"]}, {cat.get("name", "")!r})'
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+      raise CocoFormatError(f'{what}: "keypoints" must be a list of keypoint names')
+    if len(set(names)) != len(names):
+      raise CocoFormatError(f'{what}: "keypoints" repeats a name ({names})')
+    skeleton = cat.get('skeleton') or []
+    pairs = []
+    for pair in skeleton if isinstance(skeleton, list) else [skeleton]:
+      ends = [_integer(v) for v in pair] if isinstance(pair, list) else [None]
+      if len(ends) != 2 or any(e is None or not 1 <= e <= len(names) for e in ends):
+        raise CocoFormatError(f'{what}: "skeleton" entry {pair!r} is not a pair of 1-based '
+                              f'keypoint indices in 1..{len(names)}')
+      pairs.append((ends[0] - 1, ends[1] - 1))
+    sets[_integer(cat['id'])] = (tuple(names), tuple(pairs))
+  return sets
+
+
 @dataclasses.dataclass(frozen=True)
 class LabelMap:
-  """Contiguous labels 1..K <-> COCO category ids. `category_ids[i]` is the id of label i + 1."""
+  """Contiguous labels 1..K <-> COCO category ids. `category_ids[i]` is the id of label i + 1.
+
+  The keypoint fields are indexed like `names` (entry i is label i + 1) and are either all
+  empty (no keypoint information: datasets read without keypoints) or hold one entry per label:
+  `keypoint_names[i]` the label's keypoint names (() when it has no set), `keypoint_skeleton[i]`
+  0-based index pairs, `keypoint_flip_map[i]` the mirror of each keypoint
+  (`flip_map_from_names`, or the config's `data.keypoint_flip_map`).
+  """
   category_ids: tuple[int, ...]
   names: tuple[str, ...]
+  keypoint_names: tuple[tuple[str, ...], ...] = ()
+  keypoint_skeleton: tuple[tuple[tuple[int, int], ...], ...] = ()
+  keypoint_flip_map: tuple[tuple[int, ...], ...] = ()
 
   @property
   def num_classes(self) -> int:
     """K + 1: the classes plus background (config.model.num_classes)."""
     return len(self.category_ids) + 1
+
+  @property
+  def has_keypoints(self) -> bool:
+    """Whether the map carries keypoint sets (possibly all empty)."""
+    return bool(self.keypoint_names)
+
+  @property
+  def num_keypoints(self) -> tuple[int, ...]:
+    """K_c per label, index 0 = background = 0 (the layout of
+    `config.model.keypoint_head.num_keypoints`)."""
+    if not self.has_keypoints:
+      return (0,) * self.num_classes
+    return (0,) + tuple(len(n) for n in self.keypoint_names)
+
+  def with_keypoint_sets(self, sets: dict[int, KeypointSet]) -> 'LabelMap':
+    """This map with each label's keypoint set taken from `sets` ({category id: (names,
+    skeleton)}; a category not in it has none) and the flip maps derived from the names."""
+    names = tuple(sets.get(c, ((), ()))[0] for c in self.category_ids)
+    skeleton = tuple(sets.get(c, ((), ()))[1] for c in self.category_ids)
+    for label_names in names:
+      lonely = [n for n, m in zip(label_names, flip_map_from_names(label_names))
+                if n.startswith(('left_', 'right_')) and label_names[m] == n]
+      if lonely:
+        log.warning('keypoints %s have no mirror of the other side in their set %s; a flip '
+                    'keeps them in place', lonely, label_names)
+    return dataclasses.replace(self, keypoint_names=names, keypoint_skeleton=skeleton,
+                               keypoint_flip_map=tuple(flip_map_from_names(n) for n in names))
+
+  def with_flip_maps(self, flip_maps: Sequence[Sequence[int]]) -> 'LabelMap':
+    """This map with `flip_maps` (one permutation per label 1..K) as its keypoint flip maps."""
+    return dataclasses.replace(self, keypoint_flip_map=tuple(tuple(int(k) for k in f)
+                                                             for f in flip_maps))
 
   def label_of(self) -> dict[int, int]:
     """{category_id: label}."""
@@ -76,15 +182,35 @@ class LabelMap:
     return {i + 1: cid for i, cid in enumerate(self.category_ids)}
 
   def meta(self) -> dict[str, Any]:
-    """Checkpoint metadata: {'label_to_category_id': {label: id}, 'class_names': [K names]}."""
-    return {'label_to_category_id': self.label_to_category_id(), 'class_names': list(self.names)}
+    """Checkpoint metadata: {'label_to_category_id': {label: id}, 'class_names': [K names]},
+    plus, when the map has keypoint sets, K-entry lists indexed like `class_names` (label
+    i + 1 at i): 'keypoint_names' (lists of str, [] for none), 'keypoint_skeleton' (0-based
+    [a, b] pairs) and 'keypoint_flip_map' (permutations), which the Predictor and the pictures
+    read."""
+    meta = {'label_to_category_id': self.label_to_category_id(), 'class_names': list(self.names)}
+    if self.has_keypoints:
+      meta.update(self._keypoint_json())
+    return meta
+
+  def _keypoint_json(self) -> dict[str, Any]:
+    return {'keypoint_names': [list(n) for n in self.keypoint_names],
+            'keypoint_skeleton': [[list(p) for p in s] for s in self.keypoint_skeleton],
+            'keypoint_flip_map': [list(f) for f in self.keypoint_flip_map]}
 
   def to_json(self) -> dict[str, Any]:
-    return {'category_ids': list(self.category_ids), 'names': list(self.names)}
+    out = {'category_ids': list(self.category_ids), 'names': list(self.names)}
+    if self.has_keypoints:
+      out.update(self._keypoint_json())
+    return out
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> 'LabelMap':
-    return cls(tuple(int(c) for c in d['category_ids']), tuple(str(n) for n in d['names']))
+    """Inverse of `to_json`; also reads `meta()` output's keypoint fields (absent: none)."""
+    return cls(tuple(int(c) for c in d['category_ids']), tuple(str(n) for n in d['names']),
+               tuple(tuple(str(n) for n in names) for names in d.get('keypoint_names', ())),
+               tuple(tuple((int(a), int(b)) for a, b in s)
+                     for s in d.get('keypoint_skeleton', ())),
+               tuple(tuple(int(k) for k in f) for f in d.get('keypoint_flip_map', ())))
 
   @classmethod
   def from_categories(cls, categories: Sequence[dict[str, Any]]) -> 'LabelMap':
@@ -111,6 +237,7 @@ class CocoDataset:
 
   `stats` is {reason: count} of every annotation or image skipped and every field normalised.
   `json_signature` is (size, mtime_ns) of `json_path` when it was read (None: not from a file).
+  `with_keypoints`: the records carry keypoints and `gt_dict()` normalises them.
   """
   records: list[dict[str, Any]]
   label_map: LabelMap
@@ -118,6 +245,7 @@ class CocoDataset:
   image_dir: str
   stats: dict[str, int] = dataclasses.field(default_factory=dict)
   json_signature: Optional[tuple[int, int]] = None
+  with_keypoints: bool = False
 
   def gt_dict(self) -> dict[str, Any]:
     """The split's ground truth as a normalised COCO instances dict: evaluation must use it.
@@ -131,6 +259,9 @@ class CocoDataset:
     unreadable segmentation). Every image and category of the file is kept, and so are the
     annotations the records leave out for training reasons only (degenerate boxes, categories
     outside the label map, the instance cap), so metrics stay those of the file's ground truth.
+    Categories keep their `keypoints`/`skeleton`; with keypoints, each annotation of a category
+    with a set has `keypoints` (3 K_c numbers; zeros where the file's were unusable) and
+    `num_keypoints` (their v > 0 count), what pycocotools' keypoint evaluation reads.
 
     The file is read again rather than kept in memory (a training split's JSON is large); each
     call returns a fresh dict (COCOeval writes into the ground truth it is given).
@@ -142,7 +273,8 @@ class CocoDataset:
       raise CocoFormatError(f'{self.json_path}: changed since it was loaded; load it again '
                             'before evaluating against it')
     data = _read_json(self.json_path)
-    _, anns = _normalise_annotations(data, self.json_path, lambda reason, what: None)
+    sizes = _keypoint_sizes(data, self.json_path) if self.with_keypoints else None
+    _, anns = _normalise_annotations(data, self.json_path, lambda reason, what: None, sizes)
     gt = dict(data)
     gt['annotations'] = [a.to_gt() for a in anns]
     return gt
@@ -300,6 +432,9 @@ class _Annotation:
   iscrowd: int
   area: float
   segmentation: Any  # the cleaned polygons or RLE; None for a box-only annotation
+  # The cleaned flat [x, y, v] * K_c list (K_c of its category, [] without a set); None when
+  # keypoints are not read.
+  keypoints: Optional[list[float]] = None
 
   def to_gt(self) -> dict[str, Any]:
     """The normalised COCO dict, as CocoDataset.gt_dict() lists it (built only when asked:
@@ -310,10 +445,51 @@ class _Annotation:
       gt.pop('segmentation', None)
     else:
       gt['segmentation'] = self.segmentation
+    if self.keypoints is not None:
+      gt.pop('keypoints', None)
+      gt.pop('num_keypoints', None)
+      if self.keypoints:
+        gt['keypoints'] = list(self.keypoints)
+        gt['num_keypoints'] = sum(v > 0 for v in self.keypoints[2::3])
     return gt
 
 
-def _normalise_annotations(data: dict[str, Any], json_path: str, skip
+def _keypoint_sizes(data: dict[str, Any], json_path: str) -> dict[int, int]:
+  """{category id: K_c} of every category of the file (0 without a keypoint set)."""
+  sets = category_keypoint_sets(data['categories'], json_path)
+  return {_integer(c['id']): len(sets.get(_integer(c['id']), ((), ()))[0])
+          for c in data['categories']}
+
+
+def _clean_keypoints(raw, size: int, note) -> list[float]:
+  """An annotation's keypoints as a flat [x, y, v] * size list of floats; zeros when the file's
+  are unusable, `note(reason)` counting why (the annotation itself is kept).
+
+  Unusable: a length other than 3 * size (the category's set), non-finite numbers, a
+  visibility outside COCO's {0, 1, 2}, or keypoints on a category without a set (size 0).
+  """
+  zeros = [0.0] * (3 * size)
+  if raw is None or (isinstance(raw, list) and not raw):
+    if size:
+      note('keypoints_missing_set_0')
+    return zeros
+  if not size:
+    note('keypoints_without_category_set_dropped')
+    return zeros
+  if not isinstance(raw, list) or len(raw) != 3 * size:
+    note('keypoints_bad_length_dropped')
+    return zeros
+  if not _finite_numbers(raw):
+    note('keypoints_nonfinite_dropped')
+    return zeros
+  if any(v not in KEYPOINT_VISIBILITIES for v in raw[2::3]):
+    note('keypoints_bad_visibility_dropped')
+    return zeros
+  return [float(v) for v in raw]
+
+
+def _normalise_annotations(data: dict[str, Any], json_path: str, skip,
+                           keypoint_sizes: Optional[dict[int, int]] = None
                            ) -> tuple[dict[int, dict[str, Any]], list[_Annotation]]:
   """The file's images by id, and its annotations that pycocotools can evaluate, normalised.
 
@@ -329,6 +505,8 @@ def _normalise_annotations(data: dict[str, Any], json_path: str, skip
   * segmentation absent, null or [] (detectron2's test): box-only, segmentation None.
   * dropped: unknown image, malformed or non-finite bbox, or a segmentation of which nothing
     usable is left (see _clean_segmentation).
+  * keypoints, only when `keypoint_sizes` ({category id: K_c}) is given: cleaned by
+    `_clean_keypoints` (unusable ones become zeros, the annotation stays).
   """
   images = {}
   for img in data['images']:
@@ -377,13 +555,18 @@ def _normalise_annotations(data: dict[str, Any], json_path: str, skip
       skip('annotation_area_missing_computed', what)
       area = (float(bbox[2]) * float(bbox[3]) if segm is None else
               float(mask_utils.area(segmentation_to_rle(segm, h, w))))
-    out.append(_Annotation(ann, what, ann_id, image_id, int(crowd), float(area), segm))
+    keypoints = None
+    if keypoint_sizes is not None:
+      size = keypoint_sizes.get(_integer(ann.get('category_id')), 0)
+      keypoints = _clean_keypoints(ann.get('keypoints'), size, lambda reason: skip(reason, what))
+    out.append(_Annotation(ann, what, ann_id, image_id, int(crowd), float(area), segm,
+                           keypoints))
   return images, out
 
 
 def load_coco(json_path: str, image_dir: str, *, label_map: Optional[LabelMap] = None,
               max_instances: Optional[int] = None, check_files: bool = True,
-              require_masks: bool = True) -> CocoDataset:
+              require_masks: bool = True, with_keypoints: bool = False) -> CocoDataset:
   """Reads a COCO instances JSON into records (see the module docstring).
 
   Annotation fields are normalised as `_normalise_annotations` says (unique ids, iscrowd, area;
@@ -400,14 +583,24 @@ def load_coco(json_path: str, image_dir: str, *, label_map: Optional[LabelMap] =
     require_masks: every kept annotation must have a segmentation (Mask R-CNN training). False
       keeps box-only annotations: their `segmentations` entry is None, `has_mask` False, and
       `decode_masks` gives them an empty mask.
+    with_keypoints: read the categories' keypoint sets into the label map (a given `label_map`
+      gets them from this file's categories) and each annotation's keypoints into the records
+      (`keypoints`, `num_keypoints`); unusable keypoints become zeros, counted in `stats`
+      ('keypoints_bad_length_dropped', '..._nonfinite_...', '..._bad_visibility_...',
+      'keypoints_without_category_set_dropped'), with annotation ids in the log.
   Raises:
     CocoFormatError: the file is not JSON or not COCO instances, or masks are required and some
-      annotations are box-only (the message gives their count and the way to train boxes only).
+      annotations are box-only (the message gives their count and the way to train boxes only),
+      or a category's keypoint set is malformed or differs from the one `label_map` carries.
   """
   data = _read_json(json_path)
   signature = _file_signature(json_path)
   if label_map is None:
     label_map = LabelMap.from_categories(data['categories'])
+  keypoint_sizes = None
+  if with_keypoints:
+    keypoint_sizes = _keypoint_sizes(data, json_path)
+    label_map = _with_file_keypoint_sets(label_map, data, json_path)
   label_of = label_map.label_of()
   counts = collections.Counter()
   examples = collections.defaultdict(list)
@@ -417,7 +610,7 @@ def load_coco(json_path: str, image_dir: str, *, label_map: Optional[LabelMap] =
     if len(examples[reason]) < MAX_LOGGED_EXAMPLES:
       examples[reason].append(what)
 
-  images, anns = _normalise_annotations(data, json_path, skip)
+  images, anns = _normalise_annotations(data, json_path, skip, keypoint_sizes)
   per_image = collections.defaultdict(list)
   box_only = []
   for a in anns:
@@ -442,7 +635,7 @@ def load_coco(json_path: str, image_dir: str, *, label_map: Optional[LabelMap] =
         continue
       skip('annotation_box_only_kept', a.what)
     per_image[a.image_id].append((a.id, clipped, label_of[category], bool(a.iscrowd), a.area,
-                                  a.segmentation))
+                                  a.segmentation, a.keypoints))
   if box_only:
     raise CocoFormatError(
         f'{json_path}: {len(box_only)} of {len(data["annotations"])} annotations have no '
@@ -451,6 +644,7 @@ def load_coco(json_path: str, image_dir: str, *, label_map: Optional[LabelMap] =
         '(load_coco(..., require_masks=False)); otherwise add their masks or remove them '
         'from the file')
 
+  max_keypoints = max(label_map.num_keypoints)
   records = []
   for image_id, img in images.items():
     path = os.path.join(image_dir, img['file_name'])
@@ -476,13 +670,39 @@ def load_coco(json_path: str, image_dir: str, *, label_map: Optional[LabelMap] =
         'segmentations': [a[5] for a in anns_of],
         'has_mask': np.array([a[5] is not None for a in anns_of], bool),
     })
+    if with_keypoints:
+      keypoints = np.zeros((len(anns_of), max_keypoints, 3), np.float32)
+      for k, a in enumerate(anns_of):
+        keypoints[k, :len(a[6]) // 3] = np.reshape(a[6], (-1, 3))
+      records[-1]['keypoints'] = keypoints
+      records[-1]['num_keypoints'] = (keypoints[..., 2] > 0).sum(-1).astype(np.int32)
   records.sort(key=lambda r: r['image_id'])
   for reason, n in sorted(counts.items()):
     level = logging.INFO if reason in _INFO_REASONS else logging.WARNING
     log.log(level, '%s: %s: %d (e.g. %s)', json_path, reason, n, examples.get(reason, []))
   log.info('%s: %d images, %d annotations kept, %d categories', json_path, len(records),
            sum(len(r['labels']) for r in records), len(label_map.category_ids))
-  return CocoDataset(records, label_map, json_path, image_dir, dict(counts), signature)
+  return CocoDataset(records, label_map, json_path, image_dir, dict(counts), signature,
+                     with_keypoints)
+
+
+def _with_file_keypoint_sets(label_map: LabelMap, data: dict[str, Any], json_path: str
+                             ) -> LabelMap:
+  """`label_map` with the keypoint sets of the file's categories; a map that already carries
+  sets (a checkpoint's) must agree with the file on every label's names."""
+  sets = category_keypoint_sets(data['categories'], json_path)
+  merged = label_map.with_keypoint_sets(sets)
+  if label_map.has_keypoints:
+    for label, (mine, theirs) in enumerate(zip(label_map.keypoint_names, merged.keypoint_names),
+                                           start=1):
+      if tuple(mine) != tuple(theirs):
+        raise CocoFormatError(
+            f'{json_path}: category {label_map.category_ids[label - 1]} (label {label}) '
+            f'declares keypoints {list(theirs)} but the label map (e.g. a checkpoint\'s) has '
+            f'{list(mine)}')
+    # Keep the given map's flip maps (they may come from data.keypoint_flip_map).
+    merged = merged.with_flip_maps(label_map.keypoint_flip_map)
+  return merged
 
 
 # --------------------------------------------------------------------------- masks, images

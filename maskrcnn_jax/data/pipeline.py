@@ -25,6 +25,15 @@ boxes scaled/flipped alike; instances padded to `input.max_instances` with `gt_v
 decoded as pycocotools annToMask, nearest-resized as torchvision does, flipped, then cropped to
 their gt box at S = `input.gt_mask_size` (transforms.crop_and_resize_masks, uint8 0/1), all in
 one gather so full-size resized masks are never built.
+
+Keypoints (`model.keypoint_on`): records are read with their keypoints; each instance's follow
+the resize (torchvision `resize_keypoints`) and the flip (x' = W - x, then the permutation of
+its class's flip map, so a left wrist becomes the right one), v == 0 keypoints are all zeros,
+and the batch gains `gt_keypoints` float32 [M, K_max, 3] (K_max of
+`model.keypoint_head.num_keypoints`). At start-up the dataset's per-label keypoint counts must
+equal the config's, images with fewer than `data.min_keypoints_per_image` labelled keypoints
+leave the training set, and a training set without a single labelled keypoint inside its
+instance's box is refused (`check_keypoints_in_boxes`).
 """
 
 import collections
@@ -41,6 +50,7 @@ import numpy as np
 from maskrcnn_jax import structures
 from maskrcnn_jax.data import coco
 from maskrcnn_jax.data import shapes
+from maskrcnn_jax.data import shapes_keypoints
 from maskrcnn_jax.data import transforms
 
 log = logging.getLogger(__name__)
@@ -51,17 +61,211 @@ PLAN_LENGTH = 2**62  # the training stream is infinite; grain needs a length
 _EPOCH_CACHE = 4
 BATCH_KEYS = ('images', 'image_size', 'gt_boxes', 'gt_labels', 'gt_masks', 'gt_crowd',
               'gt_valid')
+KEYPOINT_BATCH_KEYS = ('gt_keypoints',)  # batches carry them only with model.keypoint_on
+PERSON_NUM_KEYPOINTS = 17  # COCO person; a set of this size may use COCO's OKS sigmas
+
+
+def batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The keys of a training batch under `config`: BATCH_KEYS, plus KEYPOINT_BATCH_KEYS with
+  `model.keypoint_on`."""
+  return BATCH_KEYS + (KEYPOINT_BATCH_KEYS if keypoints_on(config) else ())
+
+
+# -------------------------------------------------------------------------------- keypoints
+def _fail(field: str, value: Any, why: str) -> None:
+  raise structures.ConfigError(f'config.{field} = {value!r}: {why}')
+
+
+def keypoints_on(config: ml_collections.ConfigDict) -> bool:
+  """`model.keypoint_on`, False for configs that predate the field."""
+  return bool(config.model.get('keypoint_on', False))
+
+
+def config_num_keypoints(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """`model.keypoint_head.num_keypoints`: K_c per label, index 0 (background) 0; raises
+  ConfigError naming the field when it is missing or not one count per label."""
+  field = 'model.keypoint_head.num_keypoints'
+  head = config.model.get('keypoint_head')
+  counts = head.get('num_keypoints') if head is not None else None
+  if counts is None:
+    _fail(field, None, 'must be set with model.keypoint_on')
+  counts = tuple(counts)
+  if (len(counts) != config.model.num_classes
+      or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in counts)
+      or counts[0] != 0):
+    _fail(field, counts, f'needs one count >= 0 per label ({config.model.num_classes} '
+          'with background first, which has 0)')
+  return counts
+
+
+def _per_label_field(config, field: str, counts: Sequence[int], what: str, check
+                     ) -> tuple[tuple, ...]:
+  """A per-label tuple field of `config.data` (empty: () for every label), checked entry by
+  entry: an entry is () or holds K_c values of which `check(entry, k_c)` returns a complaint or
+  None. Raises ConfigError naming `data.<field>`."""
+  value = tuple(config.data.get(field, ()) or ())
+  if not value:
+    return ((),) * len(counts)
+  if len(value) != len(counts):
+    _fail(f'data.{field}', value, f'needs one entry per label ({len(counts)}, '
+          f'background first), each () or {what}')
+  out = []
+  for label, (entry, k_c) in enumerate(zip(value, counts)):
+    entry = tuple(entry) if isinstance(entry, (list, tuple)) else (entry,)
+    if entry and (len(entry) != k_c or check(entry, k_c)):
+      why = check(entry, k_c) if len(entry) == k_c else f'has {len(entry)} values'
+      _fail(f'data.{field}', value, f'entry {label} {entry} {why}; label {label} has {k_c} '
+            f'keypoints, so it needs () or {what} of length {k_c}')
+    out.append(entry)
+  return tuple(out)
+
+
+def _flip_map_problem(entry, k_c) -> Optional[str]:
+  if sorted(entry) != list(range(k_c)):
+    return 'is not a permutation of 0..K_c-1'
+  if any(entry[entry[k]] != k for k in range(k_c)):
+    return 'is not its own inverse (flipping twice must give the keypoints back)'
+  return None
+
+
+def keypoint_flip_maps(config: ml_collections.ConfigDict, label_map: coco.LabelMap
+                       ) -> coco.LabelMap:
+  """`label_map` with `data.keypoint_flip_map` applied.
+
+  The field's format: () (the default) keeps the maps derived from the keypoint names
+  (`coco.flip_map_from_names`: left_* <-> right_*); otherwise one entry per label, background
+  first (the layout of `model.keypoint_head.num_keypoints`), each () to keep that label's
+  derived map or a permutation of 0..K_c-1 giving each keypoint's mirror, its own inverse, e.g.
+  ((), (0, 2, 1)) for a class whose keypoints are (apex, left, right).
+  """
+  counts = label_map.num_keypoints + (0,) * (config.model.num_classes - label_map.num_classes)
+  override = _per_label_field(config, 'keypoint_flip_map', counts,
+                              'a permutation (its own inverse)', _flip_map_problem)
+  maps = [o if o else derived for o, derived in zip(override[1:], label_map.keypoint_flip_map)]
+  return label_map.with_flip_maps(maps)
+
+
+def _sigmas_problem(entry, k_c) -> Optional[str]:
+  del k_c
+  if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+             and np.isfinite(v) for v in entry):
+    return 'holds a value that is not a positive finite number'
+  return None
+
+
+def keypoint_oks_sigmas(config: ml_collections.ConfigDict, num_keypoints: Sequence[int]
+                        ) -> tuple[tuple[float, ...], ...]:
+  """`data.keypoint_oks_sigmas` checked against the per-label counts `num_keypoints` (index 0
+  background): one tuple per label, () where the label has no keypoints or takes COCO's person
+  sigmas (allowed only for a 17-keypoint set). Raises ConfigError naming the field.
+
+  The field's format: () (the default: every set is COCO's 17 person keypoints), or one entry
+  per label, background first, each () or K_c positive OKS sigmas (pycocotools'
+  `kpt_oks_sigmas` of that category).
+  """
+  sigmas = _per_label_field(config, 'keypoint_oks_sigmas', num_keypoints,
+                            'K_c positive OKS sigmas', _sigmas_problem)
+  for label, (entry, k_c) in enumerate(zip(sigmas, num_keypoints)):
+    if k_c and not entry and k_c != PERSON_NUM_KEYPOINTS:
+      _fail('data.keypoint_oks_sigmas', tuple(config.data.get('keypoint_oks_sigmas', ())),
+            f'label {label} has {k_c} keypoints; COCO\'s sigmas fit only a '
+            f'{PERSON_NUM_KEYPOINTS}-keypoint set, so give its {k_c} sigmas')
+  return tuple(tuple(float(v) for v in e) for e in sigmas)
+
+
+def check_keypoint_config(config: ml_collections.ConfigDict, label_map: coco.LabelMap
+                          ) -> coco.LabelMap:
+  """The start-up checks of a keypoint run against its training label map; returns the map
+  with `data.keypoint_flip_map` applied (what the pipeline flips with and checkpoints store).
+
+  Raises ConfigError naming the field: the config's per-label keypoint counts differ from the
+  categories' sets, or `data.keypoint_flip_map` / `data.keypoint_oks_sigmas` is malformed.
+  """
+  counts = config_num_keypoints(config)
+  if not label_map.has_keypoints:
+    raise ValueError('model.keypoint_on needs the keypoint sets of the dataset\'s categories, but '
+                     'its label map has none (read it with load_coco(..., with_keypoints=True))')
+  dataset = label_map.num_keypoints + (0,) * (len(counts) - label_map.num_classes)
+  if dataset != counts:
+    _fail('model.keypoint_head.num_keypoints', counts,
+          f'the dataset\'s categories declare {dataset} keypoints per label (background '
+          f'first; names {[list(n) for n in label_map.keypoint_names]})')
+  keypoint_oks_sigmas(config, counts)
+  return keypoint_flip_maps(config, label_map)
+
+
+def count_labelled_keypoints(record: dict[str, Any]) -> int:
+  """Labelled (v > 0) keypoints of a record, crowd instances included (as torchvision counts
+  them in `_coco_remove_images_without_annotations`)."""
+  return int((np.asarray(record['keypoints'])[..., 2] > 0).sum())
+
+
+def filter_min_keypoints(records: Sequence[dict[str, Any]], min_keypoints: int
+                         ) -> list[dict[str, Any]]:
+  """The records with at least `min_keypoints` labelled keypoints (all when it is 0); logs how
+  many were dropped. torchvision's references keep person images with >= 10
+  (`coco_utils._coco_remove_images_without_annotations`), detectron2 with >= 1
+  (`DATALOADER.MIN_KEYPOINTS_PER_IMAGE`)."""
+  if min_keypoints <= 0:
+    return list(records)
+  kept = [r for r in records if count_labelled_keypoints(r) >= min_keypoints]
+  if len(kept) < len(records):
+    log.info('training drops %d of %d images with fewer than %d labelled keypoints '
+             '(config.data.min_keypoints_per_image)', len(records) - len(kept), len(records),
+             min_keypoints)
+  if not kept:
+    raise ValueError(f'no training image has config.data.min_keypoints_per_image = '
+                     f'{min_keypoints} labelled keypoints (v > 0); lower it')
+  return kept
+
+
+def check_keypoints_in_boxes(records: Sequence[dict[str, Any]]) -> float:
+  """The fraction of the labelled (v > 0) keypoints of non-crowd training instances that lie
+  in their instance's box (x1 <= x <= x2, y1 <= y <= y2: the keypoints torchvision's
+  `keypoints_to_heatmap` can train on); the rest are logged.
+
+  Raises:
+    ValueError: none does. torchvision's keypoint loss then silently becomes -0 and nothing is
+      learnt (torchvision issue 2125), so the run stops at start-up instead.
+  """
+  labelled = inside = 0
+  for r in records:
+    kps = np.asarray(r['keypoints'], np.float32)[~np.asarray(r['crowd'], bool)]
+    boxes = np.asarray(r['boxes'], np.float32)[~np.asarray(r['crowd'], bool)]
+    if not kps.size:
+      continue
+    on = kps[..., 2] > 0
+    x, y = kps[..., 0], kps[..., 1]
+    within = ((x >= boxes[:, None, 0]) & (x <= boxes[:, None, 2]) & (y >= boxes[:, None, 1])
+              & (y <= boxes[:, None, 3]))
+    labelled += int(on.sum())
+    inside += int((on & within).sum())
+  if not inside:
+    what = ('no labelled keypoint (v > 0)' if not labelled else
+            f'none of its {labelled} labelled keypoints inside its instance\'s box')
+    raise ValueError(
+        f'model.keypoint_on: the training set ({len(records)} images) has {what}, so the keypoint '
+        'loss would be 0 and nothing learnt (torchvision issue 2125). Check that the keypoints '
+        'are in the same original-image pixels as the boxes, or train with '
+        'model.keypoint_on=False')
+  if inside < labelled:
+    log.warning('%d of %d labelled training keypoints (%.1f%%) lie outside their instance\'s '
+                'box and do not train the keypoint head', labelled - inside, labelled,
+                100.0 * (labelled - inside) / labelled)
+  return inside / labelled
 
 
 # ---------------------------------------------------------------------------------- records
 def load_dataset_records(config: ml_collections.ConfigDict, split: str, *,
                          label_map: Optional[coco.LabelMap] = None) -> coco.CocoDataset:
-  """Records of a split ('train' | 'val') of `config.data.source` ('shapes' | 'coco').
+  """Records of a split ('train' | 'val') of `config.data.source` ('shapes' |
+  'shapes_keypoints' | 'coco').
 
-  'shapes' generates the synthetic dataset at config.data.root if it is not there yet
-  (config.data.shapes_num_train/num_val/size). 'coco' reads config.data.{train,val}_json and
-  {train,val}_images. Training records are capped at input.max_instances per image. Box-only
-  annotations are accepted only when model.mask_on is False (coco.load_coco require_masks).
+  'shapes' and 'shapes_keypoints' generate their synthetic dataset at config.data.root if it is
+  not there yet (config.data.shapes_num_train/num_val/size). 'coco' reads
+  config.data.{train,val}_json and {train,val}_images. Training records are capped at
+  input.max_instances per image. Box-only annotations are accepted only when model.mask_on is
+  False (coco.load_coco require_masks); keypoints are read with model.keypoint_on.
   """
   if split not in ('train', 'val'):
     raise ValueError(f"split {split!r}: expected 'train' or 'val'")
@@ -70,21 +274,26 @@ def load_dataset_records(config: ml_collections.ConfigDict, split: str, *,
     root = shapes.ensure_shapes_dataset(d.root, d.shapes_num_train, d.shapes_num_val,
                                         d.shapes_size, SHAPES_SEED)
     json_path, image_dir = f'{root}/instances_{split}.json', root
+  elif d.source == 'shapes_keypoints':
+    root = shapes_keypoints.ensure_dataset(d.root, d.shapes_num_train, d.shapes_num_val,
+                                           d.shapes_size, SHAPES_SEED)
+    json_path, image_dir = f'{root}/instances_{split}.json', root
   elif d.source == 'coco':
     json_path, image_dir = d[f'{split}_json'], d[f'{split}_images']
     if not json_path or not image_dir:
       raise ValueError(f'config.data.{split}_json and config.data.{split}_images must be set for '
                        "config.data.source='coco'")
   else:
-    raise ValueError(f"config.data.source={d.source!r}: this reader handles 'shapes' and "
-                     "'coco'")
+    raise ValueError(f"config.data.source={d.source!r}: this reader handles 'shapes', "
+                     "'shapes_keypoints' and 'coco'")
   max_instances = config.input.max_instances if split == 'train' else None
   if label_map is None and d.get('label_space', 'contiguous') == 'category_id':
     # torchvision's COCO models use the raw category id as the label (91 classes).
     label_map = coco.LabelMap(tuple(range(1, config.model.num_classes)),
                               tuple(f'category_{i}' for i in range(1, config.model.num_classes)))
   ds = coco.load_coco(json_path, image_dir, label_map=label_map, max_instances=max_instances,
-                      require_masks=bool(config.model.mask_on))
+                      require_masks=bool(config.model.mask_on),
+                      with_keypoints=keypoints_on(config))
   if ds.label_map.num_classes > config.model.num_classes:
     raise ValueError(f'{json_path} has {len(ds.label_map.category_ids)} categories but '
                      f'config.model.num_classes = {config.model.num_classes} (needs K + 1 = '
@@ -107,13 +316,27 @@ class _InputSpec:
   buckets: tuple[tuple[int, int], ...]
   max_instances: int
   gt_mask_size: int
+  num_keypoints: int = 0  # K_max of gt_keypoints; 0: keypoints off
+  # Per label (index 0 background), the flip map padded with identity to num_keypoints.
+  keypoint_flip: tuple[tuple[int, ...], ...] = ()
 
   @classmethod
-  def from_config(cls, config):
+  def from_config(cls, config, label_map: Optional[coco.LabelMap] = None):
+    """With `model.keypoint_on`, `label_map` (the training map, `check_keypoint_config`'s
+    result) gives the flip maps."""
     i = config.input
+    num_keypoints, flips = 0, ()
+    if keypoints_on(config):
+      num_keypoints = max(config_num_keypoints(config))
+      if label_map is None or not label_map.has_keypoints:
+        raise ValueError('model.keypoint_on: the input pipeline needs the dataset\'s label map '
+                         'with its keypoint sets (their flip maps)')
+      maps = [()] + list(label_map.keypoint_flip_map)
+      maps += [()] * (config.model.num_classes - len(maps))
+      flips = tuple(tuple(m) + tuple(range(len(m), num_keypoints)) for m in maps)
     return cls(int(i.max_size), str(i.channel_order), tuple(map(float, i.pixel_mean)),
                tuple(map(float, i.pixel_std)), tuple(tuple(map(int, b)) for b in i.buckets),
-               int(i.max_instances), int(i.gt_mask_size))
+               int(i.max_instances), int(i.gt_mask_size), num_keypoints, flips)
 
 
 def preprocess_image(image: np.ndarray, min_size: int, flip: bool, spec: _InputSpec):
@@ -127,10 +350,11 @@ def preprocess_image(image: np.ndarray, min_size: int, flip: bool, spec: _InputS
 def process_train_example(record: dict[str, Any], min_size: int, flip: bool,
                           spec: _InputSpec, image: Optional[np.ndarray] = None,
                           masks: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
-  """One record -> the per-image fields of structures.py (no batch dimension).
+  """One record -> the per-image fields of structures.py (no batch dimension), with
+  `gt_keypoints` float32 [M, K_max, 3] when `spec.num_keypoints` (see the module docstring).
 
   Args:
-    record: a coco.py record.
+    record: a coco.py record (with `keypoints` when keypoints are on).
     min_size: the drawn shortest-side size; flip: mirror left-right.
     image, masks: already decoded pixels/masks (decoded from the record when None).
   """
@@ -170,6 +394,28 @@ def process_train_example(record: dict[str, Any], min_size: int, flip: bool,
   out['gt_masks'][:k] = crops
   out['gt_crowd'][:k] = record['crowd'][keep]
   out['gt_valid'][:k] = True
+  if spec.num_keypoints:
+    out['gt_keypoints'] = _keypoints_of(record, keep, flip, spec, (h, w), (new_h, new_w))
+  return out
+
+
+def _keypoints_of(record, keep, flip: bool, spec: _InputSpec, hw, new_hw) -> np.ndarray:
+  """float32 [M, K_max, 3]: the kept instances' keypoints resized, flipped and zero-padded."""
+  if 'keypoints' not in record:
+    raise ValueError(f'image {record["image_id"]}: model.keypoint_on but its record has no '
+                     'keypoints (load it with load_coco(..., with_keypoints=True))')
+  kps = np.asarray(record['keypoints'], np.float32)[keep]
+  if kps.shape[1] > spec.num_keypoints:
+    raise ValueError(f'image {record["image_id"]}: {kps.shape[1]} keypoints per instance, more '
+                     f'than model.keypoint_head.num_keypoints allows ({spec.num_keypoints})')
+  kps = transforms.resize_keypoints(kps, *hw, *new_hw)
+  padded = np.zeros((len(kps), spec.num_keypoints, 3), np.float32)
+  padded[:, :kps.shape[1]] = kps
+  if flip:
+    index = np.asarray(spec.keypoint_flip, np.int64)[record['labels'][keep]]
+    padded = transforms.hflip_keypoints(padded, new_hw[1], index)
+  out = np.zeros((spec.max_instances, spec.num_keypoints, 3), np.float32)
+  out[:len(kps)] = transforms.zero_unlabelled_keypoints(padded)
   return out
 
 
@@ -447,6 +693,9 @@ def make_train_iterator(config: ml_collections.ConfigDict, *,
 
   data.verify_images decodes every training image first and fails listing the bad ones; at run
   time up to data.max_bad_images bad images are skipped and replaced (see _TrainBatchLoader).
+  With model.keypoint_on: `check_keypoint_config` (counts, flip maps, OKS sigmas; the iterator's
+  `label_map`/`meta` carry the flip maps used), `filter_min_keypoints`
+  (data.min_keypoints_per_image) and `check_keypoints_in_boxes`, before the plan is made.
 
   Args:
     config: the full config (input.*, data.*, seed).
@@ -456,18 +705,26 @@ def make_train_iterator(config: ml_collections.ConfigDict, *,
   i = config.input
   host, _, per_host = _process_info(per_host_batch_size, int(i.batch_size))
   ds = dataset if dataset is not None else load_dataset_records(config, 'train')
-  records = ds.records
+  records, label_map = ds.records, ds.label_map
   if i.skip_empty_train:
     kept = [r for r in records if _has_training_instance(r)]
     if len(kept) < len(records):
       log.info('training skips %d images without non-crowd instances', len(records) - len(kept))
     records = kept
+  min_keypoints = int(config.data.get('min_keypoints_per_image', 0))
+  if keypoints_on(config):
+    label_map = check_keypoint_config(config, label_map)
+    records = filter_min_keypoints(records, min_keypoints)
+    check_keypoints_in_boxes(records)
+  elif min_keypoints:
+    log.warning('config.data.min_keypoints_per_image = %d is ignored: model.keypoint_on is '
+                'False', min_keypoints)
   plan = TrainPlan([r['height'] for r in records], [r['width'] for r in records],
                    seed=config.seed, batch_size=i.batch_size,
                    train_min_sizes=i.train_min_sizes, max_size=i.max_size, buckets=i.buckets,
                    hflip_prob=i.hflip_prob)
   if config.data.get('verify_images', False):
     _verify_train_images(records)
-  loader = _TrainBatchLoader(records, _InputSpec.from_config(config), host, per_host,
+  loader = _TrainBatchLoader(records, _InputSpec.from_config(config, label_map), host, per_host,
                              max_bad_images=int(config.data.get('max_bad_images', 10)))
-  return TrainIterator(plan, loader, config, len(records), ds.label_map)
+  return TrainIterator(plan, loader, config, len(records), label_map)

@@ -184,29 +184,55 @@ def ensure_shapes_dataset(root: str, num_train: int, num_val: int, size: int,
   """Generates the dataset at root if it is missing; never deletes or overwrites one.
 
   An existing shapes dataset generated with other parameters is used as it is (with a warning
-  that says how to regenerate it). A non-empty folder that holds no dataset is an error.
+  that says how to regenerate it). A non-empty folder that holds no dataset, or another
+  synthetic dataset (shapes_keypoints), is an error.
   Generation goes to a temporary sibling folder that is renamed into place, so concurrent
   callers never see a half-written dataset. Returns root.
   """
-  meta = _meta(num_train, num_val, size, seed)
-  meta_path = os.path.join(root, META_FILE)
+  return ensure_generated(
+      root, META_FILE, _meta(num_train, num_val, size, seed),
+      lambda out: write_shapes_dataset(out, num_train, num_val, size, seed),
+      accept_unmarked=True)
+
+
+# The meta files of the synthetic datasets; a folder holding one belongs to that generator.
+GENERATED_META_FILES = (META_FILE, 'shapes_keypoints_meta.json')
+
+
+def ensure_generated(root: str, meta_file: str, meta: dict[str, Any], write, *,
+                     accept_unmarked: bool) -> str:
+  """Runs `write(folder)` to generate a synthetic dataset at root unless root holds it already
+  (see ensure_shapes_dataset); `meta` is what `write` stores in `meta_file`.
+
+  `accept_unmarked`: a folder with an instances_train.json but no meta file is used as it is
+  (the shapes dataset's historical behaviour); otherwise it is an error.
+  """
+  meta_path = os.path.join(root, meta_file)
   if os.path.exists(meta_path):
     with open(meta_path) as f:
       found = json.load(f)
     if found != meta:
-      log.warning('using the existing shapes dataset at %s (generated with %s); the config asks '
-                  'for %s: delete the folder to regenerate it', root, found, meta)
+      log.warning('using the existing %s dataset at %s (generated with %s); the config asks '
+                  'for %s: delete the folder to regenerate it', meta_file.rsplit('_meta', 1)[0],
+                  root, found, meta)
     return root
+  for other in GENERATED_META_FILES:
+    if other != meta_file and os.path.exists(os.path.join(root, other)):
+      raise FileExistsError(f'{root} holds another synthetic dataset ({other}); choose another '
+                            'config.data.root for this one')
   if os.path.exists(os.path.join(root, 'instances_train.json')):
-    return root
+    if accept_unmarked:
+      return root
+    raise FileExistsError(f'{root} holds a dataset that was not generated here (no '
+                          f'{meta_file}); choose another config.data.root')
   if os.path.isdir(root) and os.listdir(root):
-    raise FileExistsError(f'{root} is not empty and holds no shapes dataset; choose another '
+    raise FileExistsError(f'{root} is not empty and holds no generated dataset; choose another '
                           'config.data.root')
   parent = os.path.dirname(os.path.abspath(root))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.shapes-tmp-', dir=parent)
   try:
-    write_shapes_dataset(tmp, num_train, num_val, size, seed)
+    write(tmp)
     if os.path.exists(meta_path):  # another process may have finished first
       with open(meta_path) as f:
         if json.load(f) == meta:

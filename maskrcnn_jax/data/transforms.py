@@ -1,7 +1,8 @@
 """NumPy image/box/mask transforms of the input pipeline, matching torchvision's semantics.
 
 Frames: images are [H, W, C] (HWC), boxes are float32 [N, 4] xyxy in absolute pixels with integer
-pixel corners (a 1-pixel box is [0, 0, 1, 1]), masks are uint8 0/1 [M, H, W].
+pixel corners (a 1-pixel box is [0, 0, 1, 1]), masks are uint8 0/1 [M, H, W], keypoints are
+float32 [N, K, 3] (x, y, v) in the boxes' pixel frame, v the COCO visibility (0, 1, 2).
 """
 
 from typing import Optional, Sequence
@@ -129,6 +130,23 @@ def resize_boxes(boxes: np.ndarray, h: int, w: int, new_h: int, new_w: int) -> n
                                                     np.float32)).astype(np.float32)
 
 
+def resize_keypoints(keypoints: np.ndarray, h: int, w: int, new_h: int, new_w: int) -> np.ndarray:
+  """Scales keypoints [..., K, 3] from an h x w image to new_h x new_w (torchvision
+  `resize_keypoints`): x * new_w/w, y * new_h/h with float32 ratios, v unchanged. float32."""
+  out = np.array(keypoints, np.float32, copy=True)
+  out[..., 0] *= np.float32(new_w) / np.float32(w)
+  out[..., 1] *= np.float32(new_h) / np.float32(h)
+  return out
+
+
+def zero_unlabelled_keypoints(keypoints: np.ndarray) -> np.ndarray:
+  """Keypoints [..., K, 3] with every v == 0 keypoint all zeros (COCO's convention, which
+  torchvision's `_flip_coco_person_keypoints` restores after a flip). float32 copy."""
+  out = np.array(keypoints, np.float32, copy=True)
+  out[out[..., 2] == 0] = 0
+  return out
+
+
 # ------------------------------------------------------------------------------ colour, padding
 def normalize(img: np.ndarray, mean: Sequence[float], std: Sequence[float],
               channel_order: str = 'RGB') -> np.ndarray:
@@ -206,6 +224,30 @@ def hflip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
 def hflip_masks(masks: np.ndarray) -> np.ndarray:
   """Mirrors [M, H, W] masks left-right."""
   return np.ascontiguousarray(masks[:, :, ::-1])
+
+
+def hflip_keypoints(keypoints: np.ndarray, width: int,
+                    flip_index: Optional[np.ndarray] = None) -> np.ndarray:
+  """Mirrors keypoints [N, K, 3] in an image of `width` (torchvision's
+  `_flip_coco_person_keypoints` with a per-instance permutation).
+
+  Keypoint k of a flipped instance is its keypoint `flip_index[n, k]` (its mirror: a left wrist
+  becomes the right wrist) with x' = width - x, as boxes flip; v == 0 keypoints become zeros.
+
+  Args:
+    keypoints: float [N, K, 3] (x, y, v).
+    width: the image width in the keypoints' frame.
+    flip_index: int [N, K] or [K], each row a permutation of 0..K-1 (default: identity).
+  Returns:
+    float32 [N, K, 3].
+  """
+  kps = np.asarray(keypoints, np.float32)
+  if flip_index is not None:
+    index = np.broadcast_to(np.asarray(flip_index, np.int64), kps.shape[:2])
+    kps = np.take_along_axis(kps, index[..., None], axis=1)
+  out = kps.copy()
+  out[..., 0] = np.float32(width) - kps[..., 0]
+  return zero_unlabelled_keypoints(out)
 
 
 def hflip(img: np.ndarray, boxes: np.ndarray, masks: Optional[np.ndarray] = None):

@@ -3,8 +3,11 @@ runs a Predictor over a split and calls this module).
 
 Metrics are the 12 standard COCOeval numbers per IoU type, named as detectron2 names them
 (`bbox/AP`, `segm/AP50`, ...), as fractions in [0, 1] (detectron2 reports percentages); a
-number with no ground truth to measure (COCOeval's -1) is NaN. pycocotools' prints go to this
-module's logger (the summary table at INFO, the rest at DEBUG).
+number with no ground truth to measure (COCOeval's -1) is NaN. Keypoints ('keypoints') are
+scored per keypoint set: each category that declares keypoints is evaluated on its own with its
+OKS sigmas, giving pycocotools' 10 keypoint numbers as `keypoints-<category name>/AP`, ..., and
+`keypoints/AP`, ... their mean over the sets. pycocotools' prints go to this module's logger
+(the summary table at INFO, the rest at DEBUG).
 """
 
 import contextlib
@@ -22,10 +25,17 @@ from pycocotools.cocoeval import COCOeval
 
 logger = logging.getLogger(__name__)
 
-IOU_TYPES = ('bbox', 'segm')
+IOU_TYPES = ('bbox', 'segm')  # the default of coco_evaluate
+SUPPORTED_IOU_TYPES = IOU_TYPES + ('keypoints',)
 # The order of COCOeval.stats after summarize() for 'bbox' and 'segm' (pycocotools cocoeval.py).
 METRIC_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
                 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
+# ... and for 'keypoints' (pycocotools _summarizeKps: no small objects, maxDets 20).
+KEYPOINT_METRIC_NAMES = ('AP', 'AP50', 'AP75', 'APm', 'APl', 'AR', 'AR50', 'AR75', 'ARm', 'ARl')
+# COCO's per-keypoint OKS sigmas of the 17 person keypoints (pycocotools Params.setKpParams).
+COCO_PERSON_KEYPOINT_OKS_SIGMAS = tuple(
+    v / 10.0 for v in (.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87,
+                       .87, .89, .89))
 
 Prediction = Mapping[str, np.ndarray]
 
@@ -90,12 +100,17 @@ def detections_to_coco_results(image_id: int, prediction: Prediction,
     image_id: the COCO image id.
     prediction: the Predictor's dict for this image: `boxes` float32 [D, 4] xyxy in original
       image pixels, `scores` float32 [D], `labels` int32 [D] in 1..K, and optionally `masks`
-      bool [D, H, W] at original resolution.
+      bool [D, H, W] at original resolution, and `keypoints` float32 [D, K_max, 3] (x, y, .)
+      in original pixels with `keypoint_valid` bool [D, K_max] (the detected class's own K_c
+      keypoints, the first K_c slots).
     label_to_category_id: contiguous label -> COCO category id (the dataset's map).
 
   Returns:
     D dicts with `image_id`, `category_id`, `bbox` ([x, y, w, h], original pixels), `score`,
-    and `segmentation` (compressed RLE with str counts) when masks are given.
+    `segmentation` (compressed RLE with str counts) when masks are given, and, for detections
+    of a class with keypoints, `keypoints`: the flat [x, y, 1] * K_c list of its class's own
+    keypoints (v = 1 as torchvision writes it; OKS ignores a detection's v), padded slots left
+    out.
   """
   boxes = np.asarray(prediction['boxes'], np.float64).reshape(-1, 4)
   scores = np.asarray(prediction['scores'], np.float64).reshape(-1)
@@ -108,6 +123,7 @@ def detections_to_coco_results(image_id: int, prediction: Prediction,
     rles = encode_masks(prediction['masks'])
     if len(rles) != len(boxes):
       raise ValueError(f'{len(rles)} masks for {len(boxes)} detections')
+  keypoints = _keypoint_lists(prediction, len(boxes))
   xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
   results = []
   for d in range(len(boxes)):
@@ -122,8 +138,31 @@ def detections_to_coco_results(image_id: int, prediction: Prediction,
     }
     if rles is not None:
       result['segmentation'] = rles[d]
+    if keypoints is not None and keypoints[d]:
+      result['keypoints'] = keypoints[d]
     results.append(result)
   return results
+
+
+def _keypoint_lists(prediction: Prediction, num: int) -> Optional[list[list[float]]]:
+  """Per detection, the flat [x, y, 1] list of its valid keypoints ([] for none), or None when
+  the prediction has no keypoints."""
+  if prediction.get('keypoints') is None:
+    return None
+  kps = np.asarray(prediction['keypoints'], np.float64)
+  if kps.ndim != 3 or kps.shape[0] != num or kps.shape[2] != 3:
+    raise ValueError(f'keypoints must be [{num} detections, K, 3], got shape {kps.shape}')
+  valid = prediction.get('keypoint_valid')
+  valid = (np.ones(kps.shape[:2], bool) if valid is None
+           else np.asarray(valid, bool).reshape(kps.shape[:2]))
+  out = []
+  for d in range(num):
+    k_c = int(valid[d].sum())
+    if not valid[d, :k_c].all():
+      raise ValueError(f'detection {d}: keypoint_valid {valid[d].tolist()} is not a prefix; '
+                       "a class's own keypoints are its first K_c slots")
+    out.append([v for x, y in kps[d, :k_c, :2].tolist() for v in (round(x, 3), round(y, 3), 1)])
+  return out
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -158,6 +197,11 @@ def _results_coco(coco_gt: COCO, results: list[dict]) -> COCO:
 
 def _results_for(iou_type: str, results: list[dict]) -> list[dict]:
   """Per-type copies of the results (loadRes writes into the dicts it is given)."""
+  if iou_type == 'keypoints':
+    # The bbox stays, so loadRes takes a detection's area from its box, as detectron2 does
+    # (without one it would take the keypoints' extent).
+    return [{k: v for k, v in r.items() if k != 'segmentation'} for r in results
+            if 'keypoints' in r]
   if iou_type == 'bbox':
     return [{k: v for k, v in r.items() if k != 'segmentation'} for r in results]
   missing = sum('segmentation' not in r for r in results)
@@ -171,27 +215,40 @@ def _results_for(iou_type: str, results: list[dict]) -> list[dict]:
 def coco_evaluate(gt: GroundTruth, results: list[dict],
                   iou_types: Sequence[str] = IOU_TYPES,
                   image_ids: Optional[Iterable[int]] = None,
-                  per_category: bool = False) -> dict[str, float]:
+                  per_category: bool = False,
+                  keypoint_oks_sigmas: Optional[Mapping[int, Sequence[float]]] = None
+                  ) -> dict[str, float]:
   """Runs COCOeval for each IoU type.
 
   Args:
     gt: path to a COCO instances JSON, a COCO dict, or a pycocotools COCO.
     results: COCO result dicts (see `detections_to_coco_results`); may be empty.
-    iou_types: subset of ('bbox', 'segm').
+    iou_types: subset of ('bbox', 'segm', 'keypoints').
     image_ids: evaluate only these images (default: every image of `gt`). Pass the ids that
       were actually predicted when evaluating part of a split.
-    per_category: also report `{type}/AP-{category name}` for every category with ground truth.
+    per_category: also report `{type}/AP-{category name}` for every category with ground truth
+      (bbox and segm; keypoint metrics are per category already).
+    keypoint_oks_sigmas: {category id: its K_c OKS sigmas} for 'keypoints'; a category with a
+      keypoint set that is not in it takes COCO's person sigmas, which fit only 17 keypoints.
 
   Returns:
     {'bbox/AP': ..., 'bbox/AP50': ..., ..., 'segm/ARl': ...}: the 12 COCOeval stats per type as
     fractions in [0, 1]. A stat that is undefined because no ground truth falls in its area range
     (COCOeval's -1) is NaN, as in detectron2. No results give 0 wherever ground truth exists.
+    'keypoints' gives, for every category of `gt` that declares keypoints (its `keypoints`
+    names), pycocotools' 10 keypoint stats of that category alone (`params.catIds = [id]`, its
+    sigmas) as `keypoints-<category name>/AP`, `.../AP50`, ..., `.../ARl`
+    (KEYPOINT_METRIC_NAMES), and `keypoints/<stat>`: their mean over the keypoint sets (over
+    the sets where the stat is defined; NaN where none is), so with one set it is that set's.
   """
   coco_gt = load_coco(gt)
   metrics = {}
   for iou_type in iou_types:
-    if iou_type not in IOU_TYPES:
-      raise ValueError(f'iou_type {iou_type!r} is not one of {IOU_TYPES}')
+    if iou_type not in SUPPORTED_IOU_TYPES:
+      raise ValueError(f'iou_type {iou_type!r} is not one of {SUPPORTED_IOU_TYPES}')
+    if iou_type == 'keypoints':
+      metrics.update(_keypoint_metrics(coco_gt, results, image_ids, keypoint_oks_sigmas or {}))
+      continue
     coco_dt = _results_coco(coco_gt, _results_for(iou_type, results))
     evaluator = COCOeval(coco_gt, coco_dt, iou_type)
     if image_ids is not None:
@@ -204,6 +261,68 @@ def coco_evaluate(gt: GroundTruth, results: list[dict],
     if per_category:
       metrics.update(_per_category_ap(evaluator, coco_gt, iou_type))
   return metrics
+
+
+def keypoint_categories(coco_gt: COCO) -> dict[int, list[str]]:
+  """{category id: keypoint names} of the categories of `coco_gt` that declare keypoints."""
+  return {int(c['id']): list(c['keypoints']) for c in coco_gt.dataset.get('categories', [])
+          if c.get('keypoints')}
+
+
+def _keypoint_metrics(coco_gt: COCO, results: list[dict], image_ids,
+                      sigmas_of: Mapping[int, Sequence[float]]) -> dict[str, float]:
+  """COCOeval 'keypoints' per keypoint set, and the mean over sets (see coco_evaluate)."""
+  sets = keypoint_categories(coco_gt)
+  if not sets:
+    raise ValueError('keypoint evaluation needs categories that declare "keypoints" in the '
+                     'ground truth; it has none')
+  per_set = {}
+  for cat_id, names in sets.items():
+    name = coco_gt.cats[cat_id].get('name', str(cat_id))
+    sigmas = tuple(sigmas_of.get(cat_id) or ())
+    if not sigmas:
+      if len(names) != len(COCO_PERSON_KEYPOINT_OKS_SIGMAS):
+        raise ValueError(f'category {cat_id} ({name}) has {len(names)} keypoints and no OKS '
+                         f'sigmas; COCO\'s person sigmas fit only '
+                         f'{len(COCO_PERSON_KEYPOINT_OKS_SIGMAS)}')
+      sigmas = COCO_PERSON_KEYPOINT_OKS_SIGMAS
+    if len(sigmas) != len(names):
+      raise ValueError(f'category {cat_id} ({name}): {len(sigmas)} OKS sigmas for '
+                       f'{len(names)} keypoints')
+    _check_keypoint_annotations(coco_gt, cat_id, len(names), name)
+    mine = [r for r in _results_for('keypoints', results) if int(r['category_id']) == cat_id]
+    for r in mine:
+      if len(r['keypoints']) != 3 * len(names):
+        raise ValueError(f'a result of category {cat_id} ({name}) on image {r["image_id"]} has '
+                         f'{len(r["keypoints"])} keypoint numbers, expected 3 x {len(names)}')
+    evaluator = COCOeval(coco_gt, _results_coco(coco_gt, mine), 'keypoints')
+    evaluator.params.catIds = [cat_id]
+    evaluator.params.kpt_oks_sigmas = np.asarray(sigmas, np.float64)
+    if image_ids is not None:
+      evaluator.params.imgIds = sorted({int(i) for i in image_ids})
+    _quiet(evaluator.evaluate)
+    _quiet(evaluator.accumulate)
+    logger.info('keypoints of %s:', name)
+    _quiet(evaluator.summarize, level=logging.INFO)
+    per_set[name] = [float(v) if v >= 0 else math.nan for v in evaluator.stats]
+  metrics = {}
+  for name, stats in per_set.items():
+    metrics.update({f'keypoints-{name}/{m}': v for m, v in zip(KEYPOINT_METRIC_NAMES, stats)})
+  for k, m in enumerate(KEYPOINT_METRIC_NAMES):
+    defined = [stats[k] for stats in per_set.values() if not math.isnan(stats[k])]
+    metrics[f'keypoints/{m}'] = float(np.mean(defined)) if defined else math.nan
+  return metrics
+
+
+def _check_keypoint_annotations(coco_gt: COCO, cat_id: int, k_c: int, name: str) -> None:
+  """pycocotools reads `keypoints` and `num_keypoints` of every ground-truth annotation of a
+  keypoint category; say which one lacks them instead of a KeyError inside COCOeval."""
+  for ann in coco_gt.loadAnns(coco_gt.getAnnIds(catIds=[cat_id])):
+    if len(ann.get('keypoints') or ()) != 3 * k_c or 'num_keypoints' not in ann:
+      raise ValueError(f'ground-truth annotation {ann.get("id")} of category {cat_id} ({name}) '
+                       f'needs "keypoints" (3 x {k_c} numbers) and "num_keypoints" for keypoint '
+                       'evaluation (CocoDataset.gt_dict() of a dataset read with keypoints fills '
+                       'them)')
 
 
 def _per_category_ap(evaluator: COCOeval, coco_gt: COCO, iou_type: str) -> dict[str, float]:
@@ -231,3 +350,15 @@ def class_names_from_coco(coco_gt: COCO, label_to_category_id: Mapping[int, int]
   """Contiguous label -> category name (the category id as text where the name is missing)."""
   return {int(label): coco_gt.cats.get(cat, {}).get('name', str(cat))
           for label, cat in label_to_category_id.items()}
+
+
+def keypoint_skeletons_from_coco(coco_gt: COCO, label_to_category_id: Mapping[int, int]
+                                 ) -> dict[int, list[tuple[int, int]]]:
+  """Contiguous label -> its category's skeleton as 0-based index pairs (COCO writes them
+  1-based), for the labels whose category declares keypoints."""
+  out = {}
+  for label, cat in label_to_category_id.items():
+    info = coco_gt.cats.get(cat, {})
+    if info.get('keypoints'):
+      out[int(label)] = [(int(a) - 1, int(b) - 1) for a, b in info.get('skeleton') or ()]
+  return out

@@ -184,8 +184,9 @@ class BoxHead(heads.RoIHead):
                           proposals, proposal_valid, image_size)
 
   def postprocess(self, detections: Mapping[str, Any], slot: int, boxes: np.ndarray,
-                  original_hw: Sequence[int]) -> dict[str, np.ndarray]:
-    del original_hw
+                  original_hw: Sequence[int], resized_hw: Sequence[int]
+                  ) -> dict[str, np.ndarray]:
+    del original_hw, resized_hw
     valid = np.asarray(detections['valid'][slot])
     return {'boxes': boxes[valid], 'scores': np.asarray(detections['scores'][slot])[valid],
             'labels': np.asarray(detections['labels'][slot])[valid].astype(np.int32)}

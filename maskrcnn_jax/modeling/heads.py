@@ -9,7 +9,7 @@ A RoI head (the box head, the mask head, or one of your own) is a flax module wi
                            every `loss_*` entry is added to the total loss
     inference(pool, detections) -> {key: [B, D, ...]}
                            its outputs for the final detections, in the box frame
-    postprocess(detections, slot, boxes, original_hw) -> {key: numpy [N, ...]}
+    postprocess(detections, slot, boxes, original_hw, resized_hw) -> {key: numpy [N, ...]}
                            host side: one image's outputs mapped to original-image pixels, for
                            its N valid detections (needs no parameters)
     init_params(channels, dtype)
@@ -73,10 +73,12 @@ class RoIHead(nn.Module):
     raise NotImplementedError
 
   def postprocess(self, detections: Mapping[str, Any], slot: int, boxes: np.ndarray,
-                  original_hw: Sequence[int]) -> dict[str, np.ndarray]:
+                  original_hw: Sequence[int], resized_hw: Sequence[int]
+                  ) -> dict[str, np.ndarray]:
     """Args: `detections`, the batch's raw outputs (padded-input frame, all D slots, arrays on
     host or device); `slot`, this image's index; `boxes`, float32 `[D, 4]` its boxes in
-    original-image pixels; `original_hw`. Returns arrays for the valid detections only."""
+    original-image pixels; `original_hw`; `resized_hw`, the size of the image inside the
+    padding. Returns arrays for the valid detections only."""
     raise NotImplementedError
 
   def init_params(self, channels: int, dtype: Any) -> None:

@@ -30,8 +30,8 @@ anchor-major (`a * 4 + k`), so no other permutation is needed. detectron2 names 
 With `config.model.mask_on = False` the mask modules do not exist (plain Faster R-CNN).
 
 The RoI heads are units (`heads.py`): the box head always runs, then each head of the dict
-`build_heads(config)` makes (the mask head when `model.mask_on`), or of the dict a caller passes
-to `build_model`. `config.execution.backend` chooses the implementation of the backend-specific
+`build_heads(config)` makes (the mask head when `model.mask_on`, the keypoint head when
+`model.keypoint_on`), or of the dict a caller passes to `build_model`. `config.execution.backend` chooses the implementation of the backend-specific
 hook points (`maskrcnn_jax/backends`); the parameters are the same for every backend.
 """
 
@@ -49,6 +49,7 @@ from maskrcnn_jax.backends import xla
 from maskrcnn_jax.modeling import box_head as box_lib
 from maskrcnn_jax.modeling import fpn as fpn_lib
 from maskrcnn_jax.modeling import heads as heads_lib
+from maskrcnn_jax.modeling import keypoint_head as keypoint_lib
 from maskrcnn_jax.modeling import mask_head as mask_lib
 from maskrcnn_jax.modeling import poolers
 from maskrcnn_jax.modeling import resnet as resnet_lib
@@ -225,6 +226,8 @@ def build_heads(config: ml_collections.ConfigDict,
   out = {}
   if config.model.mask_on:
     out['mask'] = mask_lib.MaskHead.from_config(config, backend)
+  if config.model.keypoint_on:
+    out['keypoint'] = keypoint_lib.KeypointHead.from_config(config, backend)
   return out
 
 

@@ -27,7 +27,7 @@ CLASS_SPECIFIC_MODULES = (
     ('roi_heads', 'mask_predictor', 'mask_fcn_logits'),
 )
 # Our transposed convolutions (flax ConvTranspose(transpose_kernel=True), kernel [kh, kw, out, in]).
-TRANSPOSED_CONV_MODULES = ('conv5_mask',)
+TRANSPOSED_CONV_MODULES = ('conv5_mask', 'kps_score_lowres')
 
 
 class WeightsMismatchError(ValueError):

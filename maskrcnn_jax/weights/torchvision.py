@@ -54,6 +54,10 @@ def _module_name(mods: tuple[str, ...], body_prefix: str) -> Optional[str]:
   if mods[:2] == ('roi_heads', 'mask_head') and len(mods) == 3:
     m = re.fullmatch(r'mask_fcn(\d+)', mods[2])
     return f'roi_heads.mask_head.{int(m[1]) - 1}.0' if m else None
+  if mods[:2] == ('roi_heads', 'keypoint_head') and len(mods) == 3:
+    # KeypointRCNNHeads is a Sequential of (Conv2d, ReLU) pairs: conv i is entry 2 (i - 1).
+    m = re.fullmatch(r'conv_fcn(\d+)', mods[2])
+    return f'roi_heads.keypoint_head.{2 * (int(m[1]) - 1)}' if m else None
   if mods[0] in ('rpn', 'roi_heads'):
     return '.'.join(mods)
   return None
@@ -70,7 +74,8 @@ def rule(path: core.Path, body_prefix: str = DETECTOR_BODY_PREFIX) -> Optional[c
 def from_torchvision(state_dict: Mapping[str, Any], config: ml_collections.ConfigDict, *,
                      allow_class_mismatch: bool = False, key: Optional[jax.Array] = None,
                      source: str = 'torchvision state dict') -> dict:
-  """Our variables `{'params', 'constants'}` from a torchvision Mask/Faster R-CNN state dict.
+  """Our variables `{'params', 'constants'}` from a torchvision Mask, Faster or Keypoint R-CNN
+  state dict.
 
   Args:
     state_dict: `{name: array}` of `maskrcnn_resnet50_fpn` (or any torchvision

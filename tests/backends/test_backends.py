@@ -202,3 +202,17 @@ def _scopes(jaxpr) -> set:
         if hasattr(inner, 'eqns'):
           out |= _scopes(inner)
   return out
+
+
+@pytest.mark.parametrize('hw', [(14, 14), (5, 9)])
+def test_conv_transpose_4x4_stride2_agrees(hw):
+  """The keypoint predictor's deconv: XLA's transposed conv against four phase convs."""
+  rng = np.random.default_rng(hw[1])
+  x = jnp.asarray(rng.normal(size=(3,) + hw + (6,)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(4, 4, 5, 6)) / 10, jnp.float32)
+  bias = jnp.asarray(rng.normal(size=5), jnp.float32)
+  run = lambda b: jax.jit(lambda *a: _value_and_grads(b.conv_transpose_4x4_stride2, *a))(
+      x, kernel, bias)
+  want = run(PLAIN)
+  assert want[0].shape == (3, 2 * hw[0], 2 * hw[1], 5)
+  _close(want, run(CPU), tol=1e-4)  # kernel gradients sum ~600 products in another order

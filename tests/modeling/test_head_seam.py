@@ -51,7 +51,7 @@ class LogAreaHead(heads.RoIHead):
     pred = self(x.reshape((b * d,) + x.shape[2:])).reshape(b, d)
     return {'log_area': jnp.where(detections['valid'], pred, 0.0)}
 
-  def postprocess(self, detections, slot, boxes, original_hw):
+  def postprocess(self, detections, slot, boxes, original_hw, resized_hw):
     valid = np.asarray(detections['valid'][slot])
     return {'log_area': np.asarray(detections['log_area'][slot])[valid]}
 
