@@ -6,17 +6,24 @@ A checkpoint directory is an orbax `CheckpointManager` directory whose step fold
     train      {'opt_state': ..., 'step': ..., 'rng': ...}  training checkpoints only
     input      JSON: the input iterator's state         training checkpoints only
     meta       JSON: {'label_to_category_id', 'class_names', 'model_config', 'source'}
+    checksums  JSON: {item: {leaf path: {'digest', 'shape', 'dtype'}}} of the array items
 
-Converted checkpoints (`maskrcnn-jax convert`) hold `variables` and `meta` at step 0, so every
-command that reads variables accepts both a training workdir and a converted directory.
+Every restore recomputes the digests of the arrays it read and refuses a checkpoint whose bytes
+changed after it was written (`CheckpointError` naming the item and leaf); checkpoints written
+before checksums existed restore with a logged note.
+
+Converted checkpoints (`maskrcnn-jax convert`) hold `variables`, `meta` and `checksums` at step 0,
+so every command that reads variables accepts both a training workdir and a converted directory.
 
 Order of precedence when training starts (train.py): a checkpoint in the workdir > an explicit
 `run.init_checkpoint` > `run.pretrained_backbone` > scratch.
 """
 
+import hashlib
 import json
 import logging
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -28,10 +35,16 @@ VARIABLES = 'variables'
 TRAIN = 'train'
 INPUT = 'input'
 META = 'meta'
+CHECKSUMS = 'checksums'
+ITEMS = (VARIABLES, TRAIN, INPUT, META, CHECKSUMS)
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint cannot be read or does not match the config; names the path."""
+
+
+class CheckpointWriteError(CheckpointError):
+  """Writing a checkpoint failed (a full disk, a vanished mount); names the step and directory."""
 
 
 def model_config_json(config: ml_collections.ConfigDict) -> dict:
@@ -46,7 +59,7 @@ def make_manager(directory: str, *, max_to_keep: Optional[int] = None,
       max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
       enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_names=(VARIABLES, TRAIN, INPUT, META))
+                               item_names=ITEMS)
 
 
 def latest_step(directory: str) -> Optional[int]:
@@ -62,6 +75,7 @@ def save_variables(directory: str, variables: Any, meta: dict, step: int = 0) ->
     manager.save(step, args=ocp.args.Composite(**{
         VARIABLES: ocp.args.StandardSave(variables),
         META: ocp.args.JsonSave(jsonable(meta)),
+        CHECKSUMS: ocp.args.JsonSave(checksums({VARIABLES: variables})),
     }))
     manager.wait_until_finished()
 
@@ -80,20 +94,179 @@ def restore_variables(directory: str, abstract_variables: Any, config=None,
                       step: Optional[int] = None) -> tuple[Any, dict]:
   """Restores `variables` (shaped like `abstract_variables`, a tree of ShapeDtypeStructs or
   arrays, whose shardings are kept) and `meta`. Checks the stored model config against
-  `config` first, so a mismatch is reported by field instead of by a shape error. Never writes.
+  `config` first, so a mismatch is reported by field instead of by a shape error, and verifies
+  the arrays against their stored checksums (`restore_items`). Never writes.
   """
   meta = read_meta(directory, step)
   if config is not None:
     check_model_config(meta, config, directory)
   step, manager = _open_for_restore(directory, step)
   with manager:
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(**{
-          VARIABLES: ocp.args.StandardRestore(abstract_variables)}))
-    except Exception as e:
-      raise CheckpointError(f'checkpoint {directory} step {step} does not match the model built '
-                            f'from the config: {e}') from e
+    restored = restore_items(manager, directory, step, {VARIABLES: abstract_variables})
   return restored[VARIABLES], meta
+
+
+# ============================================================================ checksums
+
+
+def checksums(items: dict[str, Any]) -> dict[str, dict[str, dict]]:
+  """{item: {leaf path: {'digest', 'shape', 'dtype'}}} of array trees (item name -> tree).
+
+  The digest is BLAKE2b of the leaf's bytes as the host holds them, so it is independent of
+  how orbax chunks, compresses or shards the files; shape and dtype are kept to tell a model
+  mismatch (refused before reading) from corruption. A leaf sharded over several hosts, which no
+  one host holds whole, has no entry (this code replicates its state, so none does)."""
+  return {item: {path: record for path, record in _leaf_records(tree)}
+          for item, tree in items.items()}
+
+
+def _leaf_records(tree: Any):
+  """(leaf path, record) per leaf; a leaf `_host_view` maps to None is no leaf any more."""
+  paths_and_leaves = jax.tree_util.tree_leaves_with_path(jax.tree_util.tree_map(_host_view, tree))
+  host = jax.device_get([leaf for _, leaf in paths_and_leaves])  # one batched transfer
+  for (path, _), leaf in zip(paths_and_leaves, host):
+    array = np.asarray(leaf)
+    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # any dtype, bfloat16 too
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    yield _leaf_path(path), {'digest': f'blake2b-128:{digest}', 'shape': list(array.shape),
+                             'dtype': str(array.dtype)}
+
+
+def _host_view(leaf: Any) -> Any:
+  """What this host can read of a leaf: itself, one local replica, or None (sharded)."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    return leaf.addressable_data(0) if leaf.is_fully_replicated else None
+  return leaf
+
+
+def _leaf_path(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def restore_items(manager: ocp.CheckpointManager, directory: str, step: int,
+                  arrays: dict[str, Any], json_items: tuple[str, ...] = ()) -> dict:
+  """Restores the array items `arrays` (item name -> target tree of arrays or
+  ShapeDtypeStructs, whose shapes, dtypes and shardings the result takes) and the JSON items
+  `json_items` of checkpoint `step`, checking each array item against its stored checksums.
+
+  Raises CheckpointError naming `directory` and `step` and saying what is wrong: a leaf whose
+  stored shape differs from the target's (before anything is read), a missing item, an
+  unreadable (truncated, cut short, corrupt) file, or a leaf whose bytes changed after it was
+  written ("... is corrupt: item variables, leaf params/...: checksum mismatch").
+  """
+  stored = _read_checksums(manager, directory, step)
+  if stored is not None:
+    for item, target in arrays.items():
+      _check_shapes(directory, step, item, target, stored.get(item, {}))
+  args = {item: ocp.args.StandardRestore(target) for item, target in arrays.items()}
+  args.update({item: ocp.args.JsonRestore() for item in json_items})
+  missing = [item for item in args if not os.path.isdir(_item_dir(directory, step, item))]
+  if missing:
+    raise CheckpointError(
+        f'checkpoint {directory} step {step} is incomplete: item {missing[0]} is missing '
+        f'({_item_dir(directory, step, missing[0])} does not exist); it was cut short or copied '
+        'in part')
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**args))
+  except Exception as e:  # orbax and tensorstore raise many types; say which case this is
+    drop_closed_loop_reports()
+    raise _read_error(directory, step, list(args), e) from e
+  if stored is not None:
+    for item in arrays:
+      _verify(directory, step, item, restored[item], stored.get(item, {}))
+  return restored
+
+
+def _item_dir(directory: str, step: int, item: str) -> str:
+  return os.path.join(directory, str(step), item)
+
+
+def _read_checksums(manager, directory: str, step: int) -> Optional[dict]:
+  if not os.path.isdir(_item_dir(directory, step, CHECKSUMS)):
+    logging.info('checkpoint %s step %d has no checksums (written before they were stored); '
+                 'its arrays are restored unverified', directory, step)
+    return None
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**{
+        CHECKSUMS: ocp.args.JsonRestore()}))[CHECKSUMS]
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'checkpoint {directory} step {step}: cannot read its {CHECKSUMS} '
+                          f'item ({_item_dir(directory, step, CHECKSUMS)}), so its arrays cannot '
+                          f'be verified: {_first_line(e)}') from e
+
+
+def _check_shapes(directory: str, step: int, item: str, target: Any, stored: dict) -> None:
+  wrong = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(target):
+    name, shape = _leaf_path(path), tuple(getattr(leaf, 'shape', ()))
+    record = stored.get(name)
+    if record is not None and tuple(record['shape']) != shape:
+      wrong.append(f'{name} is {tuple(record["shape"])} in the checkpoint, {shape} in the model')
+  if wrong:
+    more = f' (and {len(wrong) - 3} more)' if len(wrong) > 3 else ''
+    raise CheckpointError(f'checkpoint {directory} step {step} does not match the model built '
+                          f'from the config: item {item}: {"; ".join(wrong[:3])}{more}')
+
+
+def _verify(directory: str, step: int, item: str, restored: Any, stored: dict) -> None:
+  for name, record in _leaf_records(restored):
+    want = stored.get(name)
+    if want is None or want['dtype'] != record['dtype']:
+      continue  # a leaf the checkpoint did not record, or one restored into another dtype
+    if want['digest'] != record['digest']:
+      raise CheckpointError(
+          f'checkpoint {directory} step {step} is corrupt: item {item}, leaf {name}: checksum '
+          'mismatch (its bytes changed after they were written: a failing disk, a torn copy or '
+          'flipped bits); use another step or a fresh copy')
+
+
+def _read_error(directory: str, step: int, items: list, e: Exception) -> CheckpointError:
+  """The error for a failed orbax restore of `items`: a model mismatch when orbax says the
+  trees differ, else an unreadable item, named from the file path in the message when it
+  holds one."""
+  text = str(e)
+  if 'structures do not match' in text:
+    return CheckpointError(f'checkpoint {directory} step {step} does not match the model built '
+                           f'from the config (the variable trees differ): {_first_line(e)}')
+  named = [item for item in items if f'{os.sep}{step}{os.sep}{item}' in text]
+  return CheckpointError(
+      f'checkpoint {directory} step {step}: cannot read item {", ".join(named or items)}: a file '
+      f'is missing, truncated or corrupt ({_first_line(_naming_a_file(e))})')
+
+
+def _naming_a_file(e: BaseException) -> BaseException:
+  """The innermost error in `e`'s chain whose message names a file (tensorstore's, under
+  orbax's wrappers), else `e`."""
+  chain, seen = [], set()
+  while e is not None and id(e) not in seen:
+    chain.append(e)
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return next((x for x in reversed(chain) if 'file' in str(x).lower()), chain[0])
+
+
+def drop_closed_loop_reports() -> None:
+  """Silences the echoes of a failed restore or save: tensorstore still completes the reads
+  or writes orbax gave up on, and each completion tries to wake orbax's event loop, closed by
+  then, which Python reports as an unraisable `RuntimeError: Event loop is closed` with a
+  traceback (dozens to hundreds of lines, around the one error that matters). Drops exactly
+  those; any other unraisable goes to the hook there was. Idempotent."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop_reports', False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.drops_closed_loop_reports = True
+  sys.unraisablehook = hook
+
+
+def _first_line(e: BaseException, limit: int = 400) -> str:
+  line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return line if len(line) <= limit else line[:limit] + '...'
 
 
 def check_model_config(meta: dict, config, directory: str) -> None:
@@ -153,7 +326,8 @@ TRAINING_ONLY_FIELDS = frozenset(
         'rpn.batch_size_per_image', 'rpn.positive_fraction', 'rpn.box_loss',
         'rpn.smooth_l1_beta', 'roi.fg_iou_thresh', 'roi.bg_iou_thresh',
         'roi.batch_size_per_image', 'roi.positive_fraction', 'roi.box_loss',
-        'roi.smooth_l1_beta', 'roi.ignore_crowd', 'roi.crowd_ioa_thresh'))
+        'roi.smooth_l1_beta', 'roi.ignore_crowd', 'roi.crowd_ioa_thresh',
+        'keypoint_head.loss_normalizer'))
 # Stored by older versions under `model`, now execution knobs (`config.execution`).
 _MOVED_FIELDS = frozenset({'model.mask_head.loss_chunk'})
 

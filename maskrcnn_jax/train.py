@@ -3,14 +3,21 @@
 Read top to bottom: optimiser -> train state -> train_step (pure, top level) -> mesh and
 sharding -> initialisation and restore (workdir checkpoint > run.init_checkpoint >
 run.pretrained_backbone > scratch) -> host memory -> the loop (logging, NaN stop, SIGTERM,
-checkpoints, eval).
+checkpoints, eval), all under an exclusive lock of the workdir.
 """
 
+import contextlib
+import datetime
+import errno
+import fcntl
 import functools
+import gc
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import time
 from typing import Any, Callable, Optional
 
@@ -33,6 +40,86 @@ DATA_AXIS = 'data'
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or Inf; the message names the step."""
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another run holds the workdir's lock; the message names it (pid, host, start time)."""
+
+
+class Preempted(Exception):
+  """SIGTERM stopped training after a checkpoint of `step` was saved in `workdir`.
+
+  Raised, not returned, so that no caller mistakes a preempted run for a finished one (the CLI
+  exits with 128 + SIGTERM = 143, the code a scheduler expects of a terminated job)."""
+
+  def __init__(self, step: int, workdir: str):
+    super().__init__(f'preempted by SIGTERM: saved the checkpoint of step {step} in {workdir}; '
+                     'the same command resumes from it')
+    self.step, self.workdir = step, workdir
+
+
+# ============================================================================ workdir lock
+
+LOCK_FILE = '.lock'
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds an exclusive `flock` on `<workdir>/.lock` for the block, or raises WorkdirBusyError.
+
+  Two runs in one workdir would overwrite and delete each other's checkpoints, so the second
+  is refused at once, naming the holder from the JSON the lock file holds (pid, host, since).
+  The kernel releases a flock when its process dies, so a crashed run never blocks the next: a
+  non-empty file that is not locked is a crashed run's record, taken over with a log line. A
+  clean exit empties the file instead of deleting it (deleting would let a run that opened the
+  old file lock a different inode than one that creates a new file). flock works across NFS
+  clients on Linux (it is emulated with byte-range locks there).
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        raise
+      raise WorkdirBusyError(
+          f'workdir {workdir} is in use by another run ({_holder_text(_read_holder(fd))}, lock '
+          f'file {path}); wait for it to end, stop it, or use another --workdir') from None
+    previous = _read_holder(fd)
+    if previous is not None:
+      logging.warning('taking over the lock %s left by a run that ended without releasing it '
+                      '(%s)', path, _holder_text(previous))
+    holder = {'pid': os.getpid(), 'host': socket.gethostname(),
+              'since': datetime.datetime.now().astimezone().isoformat(timespec='seconds')}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    logging.info('locked workdir %s (%s)', workdir, path)
+    try:
+      yield holder
+    finally:
+      os.ftruncate(fd, 0)  # empty: released cleanly
+  finally:
+    os.close(fd)  # releases the flock
+
+
+def _read_holder(fd: int) -> Optional[dict]:
+  """The holder record of an open lock file, None when empty, {} when unreadable."""
+  data = os.pread(fd, 4096, 0)
+  if not data.strip():
+    return None
+  try:
+    holder = json.loads(data)
+  except ValueError:
+    return {}
+  return holder if isinstance(holder, dict) else {}
+
+
+def _holder_text(holder: Optional[dict]) -> str:
+  if not holder:
+    return 'holder not recorded'
+  return (f'pid {holder.get("pid", "?")} on host {holder.get("host", "?")} since '
+          f'{holder.get("since", "?")}')
 
 
 # ============================================================================ optimiser
@@ -223,7 +310,7 @@ _COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint and returns cleanly."""
+  """SIGTERM sets a flag; the loop saves a checkpoint and train_and_evaluate raises Preempted."""
 
   def __init__(self):
     self.requested = False
@@ -246,30 +333,148 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _save(manager, state: TrainState, train_iter, meta: dict) -> None:
-  step = int(state.step)
-  manager.save(step, args=ocp.args.Composite(**{
-      ckpt.VARIABLES: ocp.args.StandardSave(state.variables),
-      ckpt.TRAIN: ocp.args.StandardSave({'opt_state': state.opt_state, 'step': state.step,
-                                         'rng': state.rng}),
-      ckpt.INPUT: ocp.args.JsonSave(ckpt.jsonable(train_iter.get_state())),
-      ckpt.META: ocp.args.JsonSave(ckpt.jsonable(meta)),
-  }), force=True)
+def _train_item(state: TrainState) -> dict:
+  return {'opt_state': state.opt_state, 'step': state.step, 'rng': state.rng}
+
+
+class _Checkpointer:
+  """Writes the training checkpoints of `workdir` through an orbax manager (async, atomic).
+
+  Never overwrites: a step that already exists, or a newer one (another run wrote it), is an
+  error naming it. An OSError while writing (a full disk, a vanished mount), whether orbax
+  raises it at once or from its background write, becomes one CheckpointWriteError naming the
+  step and the directory; orbax writes into a temporary folder it renames when complete, so
+  the earlier checkpoints are intact.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager, workdir: str):
+    self.manager, self.workdir = manager, workdir
+    self._in_flight = None  # the step whose background write may not have finished
+    self._log_filter = _QuietAbandonedWrites()
+    for name in self._log_filter.LOGGERS:
+      logging.getLogger(name).addFilter(self._log_filter)
+    ckpt.drop_closed_loop_reports()  # the other echo of an abandoned read or write
+
+  def save(self, state: TrainState, train_iter, meta: dict) -> None:
+    step = int(state.step)
+    self.wait()  # a failure of the previous write is reported with its own step
+    self.manager.reload()  # the steps on disk now, not those cached when it was opened
+    existing = self.manager.all_steps()
+    if step in existing or (existing and max(existing) > step):
+      raise ckpt.CheckpointError(
+          f'refusing to overwrite checkpoints: {self.workdir} already holds step '
+          f'{step if step in existing else max(existing)} (this run is at step {step}); was it '
+          'written by another run?')
+    variables, train_item = state.variables, _train_item(state)
+    with self._writing(step):
+      saved = self.manager.save(step, args=ocp.args.Composite(**{
+          ckpt.VARIABLES: ocp.args.StandardSave(variables),
+          ckpt.TRAIN: ocp.args.StandardSave(train_item),
+          ckpt.INPUT: ocp.args.JsonSave(ckpt.jsonable(train_iter.get_state())),
+          ckpt.META: ocp.args.JsonSave(ckpt.jsonable(meta)),
+          ckpt.CHECKSUMS: ocp.args.JsonSave(ckpt.checksums({ckpt.VARIABLES: variables,
+                                                            ckpt.TRAIN: train_item})),
+      }))
+    if not saved:  # orbax's save policy declined (it never should with these options)
+      raise ckpt.CheckpointWriteError(f'orbax did not save checkpoint step {step} to '
+                                      f'{self.workdir}')
+    self._in_flight = step
+
+  def wait(self) -> None:
+    step, self._in_flight = self._in_flight, None
+    if step is not None:
+      with self._writing(step):
+        self.manager.wait_until_finished()
+
+  def __enter__(self) -> '_Checkpointer':
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    self.close(quiet=exc_type is not None)
+
+  def close(self, quiet: bool = False) -> None:
+    """Waits for the last write and closes the manager; with `quiet` (another error is on its
+    way out) a write error is logged instead of raised, so it cannot hide that error."""
+    reported = quiet
+    try:
+      self.wait()
+    except ckpt.CheckpointWriteError as e:
+      if not quiet:
+        reported = True
+        raise
+      logging.error('%s', e)
+    finally:
+      try:
+        self.manager.close()
+      except Exception as e:  # pylint: disable=broad-except
+        if not reported:
+          raise
+        # orbax may raise its failed background write again; it is already being reported.
+        logging.warning('closing the checkpoint manager of %s: %s', self.workdir, e)
+      finally:
+        for name in self._log_filter.LOGGERS:
+          logging.getLogger(name).removeFilter(self._log_filter)
+
+  @contextlib.contextmanager
+  def _writing(self, step: int):
+    try:
+      yield
+    except ckpt.CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      code = _os_error_code(e)
+      if code is None:
+        raise
+      what = 'no space left on device' if code == errno.ENOSPC else os.strerror(code)
+      gc.collect()  # finalise the write coroutines orbax abandoned while Python still runs
+      raise ckpt.CheckpointWriteError(
+          f'{what} writing checkpoint step {step} to {self.workdir} (the earlier checkpoints '
+          'there are intact)') from e
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _os_error_code(e: BaseException) -> Optional[int]:
+  """The errno of the OS error behind `e`, or None: an OSError in its chain of causes and
+  contexts, or tensorstore's report of one (a ValueError such as `RESOURCE_EXHAUSTED: ...
+  Failed writing ...: No space left on device [os_error_code='28']`, which is how a full disk
+  under orbax's background write surfaces)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError) and e.errno is not None:
+      return e.errno
+    match = _OS_ERROR_CODE.search(str(e))
+    if match:
+      return int(match.group(1))
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+class _QuietAbandonedWrites(logging.Filter):
+  """A failed write is reported once, as a CheckpointWriteError; this keeps its echoes short:
+  the errors orbax's background threads log keep their one-line message but lose their
+  traceback, and asyncio's "Task exception was never retrieved" for the write tasks orbax
+  abandoned (the same failure, found when they are collected) is dropped."""
+
+  LOGGERS = ('absl', 'asyncio')  # orbax logs through absl
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == 'asyncio' and record.msg == 'Task exception was never retrieved':
+      return False
+    if record.exc_info and record.levelno >= logging.ERROR and 'orbax' in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _restore(manager, state: TrainState, train_iter, workdir: str, config) -> TrainState:
   step = manager.latest_step()
   meta = ckpt.read_meta(workdir, step)
   ckpt.check_model_config(meta, config, workdir)
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        ckpt.VARIABLES: ocp.args.StandardRestore(state.variables),
-        ckpt.TRAIN: ocp.args.StandardRestore({'opt_state': state.opt_state, 'step': state.step,
-                                              'rng': state.rng}),
-        ckpt.INPUT: ocp.args.JsonRestore(),
-    }))
-  except Exception as e:
-    raise ckpt.CheckpointError(f'cannot resume from {workdir} step {step}: {e}') from e
+  restored = ckpt.restore_items(manager, workdir, step,
+                                {ckpt.VARIABLES: state.variables, ckpt.TRAIN: _train_item(state)},
+                                json_items=(ckpt.INPUT,))
   train_iter.set_state(restored[ckpt.INPUT])
   v, t = restored[ckpt.VARIABLES], restored[ckpt.TRAIN]
   logging.info('resumed from %s at step %d', workdir, step)
@@ -287,22 +492,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   COCO evaluator. `num_steps` overrides `config.optim.num_steps` as the stopping step (tests).
   `model` defaults to `mask_rcnn.build_model(config)` (pass one with heads of your own).
   Returns the last logged metrics (and evaluation metrics when evaluated).
+
+  The whole run holds the workdir's lock (`workdir_lock`; a second run in the same workdir
+  raises WorkdirBusyError before building anything). On multi-process runs only process 0
+  takes it: the processes of one run share the workdir, and a second run is stopped by its own
+  process 0 (its other processes then fail in their first collective, when the distributed
+  runtime sees process 0 gone). Raises Preempted after SIGTERM, once the checkpoint is written.
   """
   structures.validate_config(config)
+  if num_steps is not None and not (isinstance(num_steps, int) and num_steps >= 1):
+    raise ValueError(f'num_steps = {num_steps!r}: must be an integer >= 1')
   if train_iter is None:
     structures.validate_data(config, ('train', 'val') if _evaluates(config) else ('train',))
   if config.run.distributed:
     jax.distributed.initialize()
   os.makedirs(workdir, exist_ok=True)
+  with contextlib.ExitStack() as stack:  # unwound in reverse: manager, input, then the lock
+    if jax.process_index() == 0:
+      stack.enter_context(workdir_lock(workdir))
+    return _train_and_evaluate(config, workdir, stack, train_iter=train_iter,
+                               evaluate_fn=evaluate_fn, num_steps=num_steps, model=model)
+
+
+def _train_and_evaluate(config, workdir: str, stack: contextlib.ExitStack, *, train_iter,
+                        evaluate_fn, num_steps, model) -> dict:
+  """train_and_evaluate's body; `stack` closes what it opens however it ends."""
   total_steps = int(num_steps if num_steps is not None else config.optim.num_steps)
 
   # ---- input
   meta = {**ckpt.structure_meta(config), 'source': 'train'}
   host_batch_size = per_host_batch_size(config)  # checks the batch divides over the devices
-  owns_iterator = train_iter is None
-  if owns_iterator:
+  if train_iter is None:
     from maskrcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     train_iter = pipeline.make_train_iterator(config, per_host_batch_size=host_batch_size)
+    if hasattr(train_iter, 'close'):
+      stack.callback(train_iter.close)  # stops prefetch threads and worker processes
   meta.update(getattr(train_iter, 'meta', {}) or {})
 
   # ---- model and state
@@ -311,6 +535,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   bucket = tuple(config.input.buckets[0])
   state, state_shardings, optimizer = init_state(config, model, mesh, bucket)
   manager = ckpt.make_manager(workdir, max_to_keep=config.run.keep_checkpoints)
+  checkpointer = stack.enter_context(_Checkpointer(manager, workdir))
   if manager.latest_step() is not None:
     state = _restore(manager, state, train_iter, workdir, config)
   else:
@@ -370,24 +595,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           if pending is not None:
             last_metrics = check(*pending)
             pending = None
-          _save(manager, state, train_iter, meta)
+          checkpointer.save(state, train_iter, meta)
         if preemption.requested:
           break
         if config.run.eval_every and step % config.run.eval_every == 0 and step < total_steps:
           last_metrics.update(_evaluate(config, state, step, workdir, writer, evaluate_fn, meta,
                                         model))
-      if not preemption.requested and config.run.eval_at_end:
+      # The loop stopped for a SIGTERM; one during the final evaluation lets it finish instead.
+      preempted = preemption.requested
+      if not preempted and config.run.eval_at_end:
         last_metrics.update(_evaluate(config, state, step, workdir, writer, evaluate_fn, meta,
                                       model))
     finally:
       jax.monitoring.unregister_event_duration_listener(on_compile)
-      manager.wait_until_finished()
-      manager.close()
       progress.close()
-      if owns_iterator and hasattr(train_iter, 'close'):
-        train_iter.close()  # stops prefetch threads and worker processes
       if writer is not None:
         writer.flush()
+  if preempted:
+    checkpointer.wait()  # "saved" only once it is on disk; a write error is raised as such
+    raise Preempted(int(state.step), workdir)
   last_metrics['step'] = int(state.step)
   return last_metrics
 
