@@ -82,7 +82,9 @@ class MaskHead(heads.RoIHead):
     pooler_size: RoI feature size (`model.roi.mask_output_size`, 14).
     num_classes: K + 1.
     aligned: targets sample the gt masks with RoIAlign's alignment (`model.roi.aligned`).
-    mask_thresh: probability above which a pasted pixel is foreground (`model.test`).
+    mask_thresh: threshold on a pasted pixel's probability (`model.test.mask_thresh`).
+    mask_paste: `model.test.mask_paste`: 'torchvision' (`ops.masks.paste_masks`, foreground
+      where prob > mask_thresh) or 'detectron2' (`paste_masks_detectron2`, prob >= mask_thresh).
     loss_chunk: `execution.mask_loss_chunk`: on XLA:CPU the loss runs on chunks of this many
       foreground slots per image, only those holding a real RoI (0: all slots at once).
     backend: the hooks of `execution.backend`.
@@ -95,6 +97,7 @@ class MaskHead(heads.RoIHead):
   loss_chunk: int = 0
   dtype: Any = jnp.float32
   backend: backends.Backend = xla.PLAIN
+  mask_paste: str = 'torchvision'
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
@@ -102,7 +105,8 @@ class MaskHead(heads.RoIHead):
     m = config.model
     return cls(m.mask_head, int(m.roi.mask_output_size), int(m.num_classes),
                bool(m.roi.aligned), float(m.test.mask_thresh),
-               int(config.execution.mask_loss_chunk), resnet.dtype_of(config), backend)
+               int(config.execution.mask_loss_chunk), resnet.dtype_of(config), backend,
+               str(m.test.get('mask_paste', 'torchvision')))
 
   def setup(self):
     h = self.head
@@ -163,19 +167,21 @@ class MaskHead(heads.RoIHead):
     return {'masks': jnp.where(detections['valid'][:, :, None, None], probs, 0.0)}
 
   def postprocess(self, detections: Mapping[str, Any], slot: int, boxes: np.ndarray,
-                  original_hw: Sequence[int]) -> dict[str, np.ndarray]:
-    """`masks`: bool `[N, H, W]` at the original resolution (probability > `mask_thresh`, as
-    torchvision's reference evaluation), pasted on device."""
+                  original_hw: Sequence[int], resized_hw: Sequence[int]
+                  ) -> dict[str, np.ndarray]:
+    """`masks`: bool `[N, H, W]` at the original resolution, pasted on device the
+    `mask_paste` way (torchvision: probability > `mask_thresh`, as its reference evaluation;
+    detectron2: >= `mask_thresh`, as `detector_postprocess`)."""
     h, w = (int(s) for s in original_hw)
     m = CANVAS_MULTIPLE
     canvas = (math.ceil(h / m) * m, math.ceil(w / m) * m)
     masks = _paste(detections['masks'][slot], jnp.asarray(boxes), *canvas,
-                   float(self.mask_thresh))
+                   float(self.mask_thresh), str(self.mask_paste))
     valid = np.asarray(detections['valid'][slot])
     return {'masks': np.asarray(masks)[valid, :h, :w]}
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _paste(masks, boxes, height: int, width: int, thresh: float):
-  """One compile per canvas size: bool `[D, height, width]`."""
-  return mask_ops.paste_masks(masks, boxes, height, width) > thresh
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _paste(masks, boxes, height: int, width: int, thresh: float, mode: str):
+  """One compile per canvas size and paste mode: bool `[D, height, width]`."""
+  return mask_ops.paste_and_threshold(masks, boxes, height, width, thresh, mode)
