@@ -58,10 +58,26 @@ KNOWN_OUTPUTS = {
     'valid': ('selector', 'True for real detections'),
     'masks': ('paste_masks', "probabilities of the detection's class in its box (serving: "
                              'bool at the original resolution, pasted, > mask_thresh)'),
+    'keypoints': ('keypoints_to_original', '(x, y, 1) per keypoint, padded-input pixels '
+                                           '(serving: original pixels)'),
+    'keypoint_scores': ('valid_slots', 'heatmap logit at each keypoint'),
+    'keypoint_valid': ('valid_slots', "True for the keypoints of the detection's class set"),
 }
-# Reserved manifest slot for a keypoint head (not built yet): once one lands it becomes
-# {'names': [...], 'skeleton': [[i, j], ...]}, read from the checkpoint's meta.
-KEYPOINTS_SLOT = None
+# The keypoint sets' meta (`data.coco` stores K-entry lists, label i + 1 at index i) that the
+# manifest's `keypoints` entry carries for a model with a keypoint head.
+KEYPOINT_META = ('keypoint_names', 'keypoint_skeleton', 'keypoint_flip_map')
+
+
+def keypoint_manifest(config: ml_collections.ConfigDict, meta: Mapping) -> Optional[dict]:
+  """The manifest's `keypoints` entry: None without a keypoint head, else the keypoints per
+  label (`num_keypoints`, label-indexed like the config) and the checkpoint meta's names,
+  skeletons (0-based index pairs) and flip maps (K-entry lists, label i + 1 at index i; None
+  where the meta has none)."""
+  if not config.model.get('keypoint_on', False):
+    return None
+  out = {'num_keypoints': [int(k) for k in config.model.keypoint_head.num_keypoints]}
+  out.update({key[len('keypoint_'):]: meta.get(key) for key in KEYPOINT_META})
+  return out
 
 
 def backend_for(platform: str, config: ml_collections.ConfigDict) -> str:
@@ -246,7 +262,7 @@ def export_model(config: ml_collections.ConfigDict, variables: Any, out_dir: str
       'weights': {'file': serving.WEIGHTS, 'sha256': weights_digest,
                   'arrays': {n: {'shape': list(a.shape), 'dtype': str(a.dtype)}
                              for n, a in flat.items()}},
-      'keypoints': KEYPOINTS_SLOT,
+      'keypoints': keypoint_manifest(c, meta),
       'source': meta.get('source'),
       'model_config': ckpt.model_config_json(c),
   }

@@ -43,7 +43,8 @@ ARTIFACT_SUFFIX = '.jaxexport'
 # torchvision paste_masks_in_image(padding=1), as `ops.masks.MASK_PADDING`.
 MASK_PADDING = 1
 # The output postprocess kinds a manifest may name (`outputs[name]['postprocess']`).
-POSTPROCESS = ('boxes_to_original', 'valid_slots', 'paste_masks', 'selector', 'per_image')
+POSTPROCESS = ('boxes_to_original', 'keypoints_to_original', 'valid_slots', 'paste_masks',
+               'selector', 'per_image')
 
 
 class ExportFormatError(ValueError):
@@ -130,6 +131,16 @@ def prepare_image(image: np.ndarray, min_size: int, max_size: int, mean: Sequenc
     padded[:new_h, :new_w] = x
     x = padded
   return x, (new_h, new_w), bucket
+
+
+def keypoints_to_original(keypoints: np.ndarray, original_hw: Sequence[int],
+                          resized_hw: Sequence[int]) -> np.ndarray:
+  """float32 `[..., K, 3]` (x, y, 1) from the resized input frame to original pixels
+  (torchvision `resize_keypoints`, as the keypoint head's postprocess)."""
+  out = np.array(keypoints, np.float32)
+  out[..., 0] *= np.float32(original_hw[1]) / np.float32(resized_hw[1])
+  out[..., 1] *= np.float32(original_hw[0]) / np.float32(resized_hw[0])
+  return out
 
 
 def boxes_to_original(boxes: np.ndarray, original_hw: Sequence[int],
@@ -301,8 +312,10 @@ class Runtime:
   batch is padded with blank images). Each result is a dict of numpy arrays for the N valid
   detections, sorted by score: `boxes` float32 `[N, 4]` xyxy in original-image pixels, `scores`
   float32 `[N]`, `labels` int32 `[N]` (1..K), `masks` bool `[N, H, W]` at the original
-  resolution (probability > the manifest's `mask_thresh`) when the model has a mask head, and
-  any other head's per-detection outputs as the program returns them (valid slots only).
+  resolution (probability > the manifest's `mask_thresh`) with a mask head, `keypoints`
+  float32 `[N, K, 3]` in original pixels, `keypoint_scores` and `keypoint_valid` `[N, K]` with
+  a keypoint head, and any other head's per-detection outputs as the program returns them
+  (valid slots only).
 
   Resize/normalise/pad run on the host in numpy, the detector in the exported program (compiled
   once per bucket on first use), the paste on the device in this module's jax (once per canvas
@@ -378,6 +391,8 @@ class Runtime:
       kind = spec['postprocess']
       if kind == 'boxes_to_original':
         out[name] = boxes_to_original(det[name][slot], original_hw, resized_hw)[valid]
+      elif kind == 'keypoints_to_original':
+        out[name] = keypoints_to_original(det[name][slot], original_hw, resized_hw)[valid]
       elif kind == 'valid_slots':
         out[name] = np.asarray(det[name][slot])[valid]
       elif kind == 'paste_masks':

@@ -106,7 +106,7 @@ def test_manifest_describes_the_export(exported):
   assert m['labels']['class_names'] == ['background'] + CLASS_NAMES
   assert m['labels']['label_to_category_id'] == {'1': 10, '2': 11, '3': 12, '4': 13}
   assert m['mask_thresh'] == config.model.test.mask_thresh
-  assert 'keypoints' in m and m['keypoints'] is None  # the reserved slot
+  assert 'keypoints' in m and m['keypoints'] is None  # no keypoint head
   d = config.model.test.detections_per_img
   assert {k: (v['shape'], v['dtype'], v['postprocess']) for k, v in m['outputs'].items()} == {
       'boxes': ([BATCH, d, 4], 'float32', 'boxes_to_original'),
@@ -193,6 +193,36 @@ np.savez({results!r}, **flat)
     got = [{k: f[f'{i}/{k}'] for k in ('boxes', 'scores', 'labels', 'masks')}
            for i in range(len(exported.images))]
   _assert_same_results(got, exported.reference)
+
+
+def test_keypoint_model_exports_and_serves_like_the_predictor(tmp_path):
+  from configs import keypointrcnn_r50_fpn  # pylint: disable=g-import-not-at-top
+  config = keypointrcnn_r50_fpn.get_config('tiny')
+  config.input.buckets = ((64, 96),)
+  config.model.keypoint_head.num_keypoints = (0, 3, 2, 3, 1)  # every class has a set
+  variables = mask_rcnn.init_variables(config, jax.random.key(1))
+  meta = {'class_names': CLASS_NAMES,
+          'keypoint_names': [['c', 'l', 'r'], ['a', 'b'], ['l', 'top', 'r'], ['centre']],
+          'keypoint_skeleton': [[[0, 1], [0, 2]], [[0, 1]], [[0, 1], [1, 2]], []],
+          'keypoint_flip_map': [[0, 2, 1], [0, 1], [2, 1, 0], [0]]}
+  manifest = export.export_model(config, variables, str(tmp_path / 'kp'), meta=meta)
+  assert manifest['keypoints'] == {'num_keypoints': [0, 3, 2, 3, 1],
+                                   'names': meta['keypoint_names'],
+                                   'skeleton': meta['keypoint_skeleton'],
+                                   'flip_map': meta['keypoint_flip_map']}
+  assert 'masks' not in manifest['outputs']
+  assert manifest['outputs']['keypoints']['postprocess'] == 'keypoints_to_original'
+  images = [im for im in _images() if serving.choose_bucket(
+      *serving.resize_shape(*im.shape[:2], 64, 96), ((64, 96), (96, 64), (64, 64))) == (64, 96)]
+  got = serving.load(str(tmp_path / 'kp'))(images)
+  want = predictor_lib.Predictor(config, variables)(images)
+  for g, w in zip(got, want):
+    assert sorted(g) == sorted(w) and w['keypoint_valid'].sum(1).min() >= 1
+    np.testing.assert_array_equal(g['labels'], w['labels'])
+    np.testing.assert_array_equal(g['keypoint_valid'], w['keypoint_valid'])
+    for key, atol in (('boxes', 1e-4), ('keypoints', 1e-4), ('scores', 1e-5),
+                      ('keypoint_scores', 1e-5)):
+      np.testing.assert_allclose(g[key], w[key], atol=atol, rtol=0)
 
 
 # ------------------------------------------------------------------------------ serving's copies
