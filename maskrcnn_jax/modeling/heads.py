@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -83,6 +84,27 @@ class RoIHead(nn.Module):
 
   def init_params(self, channels: int, dtype: Any) -> None:
     raise NotImplementedError
+
+
+class ConvStack(nn.Module):
+  """`num_convs` 3x3 conv+ReLU layers of `conv_dim` named `{prefix}1`, `{prefix}2`, ... (the
+  trunk of torchvision's `MaskRCNNHeads` and `KeypointRCNNHeads`; both initialise with
+  kaiming_normal_(mode='fan_out', relu) and zero bias)."""
+  conv_dim: int
+  num_convs: int
+  prefix: str
+  dtype: Any = jnp.float32
+  conv_general_dilated: Any = jax.lax.conv_general_dilated
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+    for i in range(self.num_convs):
+      x = nn.relu(nn.Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                          param_dtype=jnp.float32, kernel_init=init,
+                          name=f'{self.prefix}{i + 1}',
+                          conv_general_dilated=self.conv_general_dilated)(x))
+    return x
 
 
 class RoIHeads(nn.Module):

@@ -43,23 +43,6 @@ def channel_table(num_keypoints: Sequence[int]) -> tuple[np.ndarray, np.ndarray]
   return channel, valid
 
 
-class KeypointRCNNHeads(nn.Module):
-  """`num_convs` 3x3 conv+ReLU layers named conv_fcn1.. (torchvision `KeypointRCNNHeads`)."""
-  conv_dim: int = 512
-  num_convs: int = 8
-  dtype: Any = jnp.float32
-  conv_general_dilated: Any = jax.lax.conv_general_dilated
-
-  @nn.compact
-  def __call__(self, x):
-    for i in range(self.num_convs):
-      x = nn.relu(nn.Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                          param_dtype=jnp.float32, kernel_init=keypoint_init,
-                          name=f'conv_fcn{i + 1}',
-                          conv_general_dilated=self.conv_general_dilated)(x))
-    return x
-
-
 class ConvTranspose4x4(nn.Module):
   """torch `ConvTranspose2d(in, features, 4, stride=2, padding=1)` with `nn.ConvTranspose`'s
   parameters (`kernel [4, 4, features, in]`, `bias`), computed by the backend's hook."""
@@ -118,8 +101,8 @@ class KeypointHead(heads.RoIHead):
 
   def setup(self):
     h = self.head
-    self.keypoint_head = KeypointRCNNHeads(int(h.conv_dim), int(h.num_convs), self.dtype,
-                                           self.backend.conv_general_dilated)
+    self.keypoint_head = heads.ConvStack(int(h.conv_dim), int(h.num_convs), 'conv_fcn',
+                                         self.dtype, self.backend.conv_general_dilated)
     self.keypoint_predictor = KeypointRCNNPredictor(
         int(sum(h.num_keypoints)), self.dtype, self.backend.conv_transpose_4x4_stride2)
 

@@ -31,23 +31,6 @@ mask_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 CANVAS_MULTIPLE = 128
 
 
-class MaskRCNNHeads(nn.Module):
-  """`num_convs` 3x3 conv+ReLU layers named mask_fcn1.. (torchvision `MaskRCNNHeads`)."""
-  conv_dim: int = 256
-  num_convs: int = 4
-  dtype: Any = jnp.float32
-  conv_general_dilated: Any = jax.lax.conv_general_dilated
-
-  @nn.compact
-  def __call__(self, x):
-    for i in range(self.num_convs):
-      x = nn.relu(nn.Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                          param_dtype=jnp.float32, kernel_init=mask_init,
-                          name=f'mask_fcn{i + 1}',
-                          conv_general_dilated=self.conv_general_dilated)(x))
-    return x
-
-
 class MaskRCNNPredictor(nn.Module):
   """2x2 stride-2 transposed conv + ReLU (`conv5_mask`), then a 1x1 conv to per-class logits
   (`mask_fcn_logits`): `[N, S, S, C] -> float32 [N, 2S, 2S, num_classes]`, or, given int32
@@ -111,8 +94,8 @@ class MaskHead(heads.RoIHead):
   def setup(self):
     h = self.head
     # The convs may run inside the backend's rows loop: its loop-body conv.
-    self.mask_head = MaskRCNNHeads(int(h.conv_dim), int(h.num_convs), self.dtype,
-                                   self.backend.loop_conv_general_dilated)
+    self.mask_head = heads.ConvStack(int(h.conv_dim), int(h.num_convs), 'mask_fcn', self.dtype,
+                                     self.backend.loop_conv_general_dilated)
     predictor = self.backend.mask_predictor or MaskRCNNPredictor
     self.mask_predictor = predictor(int(h.conv_dim), int(self.num_classes), self.dtype)
 
