@@ -1,10 +1,8 @@
 """The keypoint head inside the detector: one trace per size bucket with keypoints on, garbage in
 padded ground-truth slots changes nothing, and its loss term is part of the train step."""
 
-import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
