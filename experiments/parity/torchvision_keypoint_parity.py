@@ -42,38 +42,9 @@ KEYPOINT_TOL_PX = 1.0
 
 
 def build_torchvision(calibration):
-  """Random-init keypointrcnn_resnet50_fpn with calibrated, randomised BN and spread logits."""
-  torch.manual_seed(tvp.SEED)
-  model = torchvision.models.detection.keypointrcnn_resnet50_fpn(
-      weights=None, weights_backbone=None).eval()
-  gen = torch.Generator().manual_seed(tvp.SEED)
-  norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-
-  def set_stats(module, args):
-    x = args[0]
-    c = x.shape[1]
-    rand = lambda lo, hi: lo + (hi - lo) * torch.rand(c, generator=gen)
-    module.running_mean.copy_(x.mean((0, 2, 3)) + 0.1 * x.std((0, 2, 3)) * torch.randn(
-        c, generator=gen))
-    module.running_var.copy_(x.var((0, 2, 3)) * rand(0.7, 1.3))
-    module.weight.copy_(rand(0.5, 1.5))
-    module.bias.copy_(0.2 * torch.randn(c, generator=gen))
-
-  hooks = [m.register_forward_pre_hook(set_stats) for m in norms]
-  with torch.no_grad():
-    images, _ = model.transform(calibration)
-    model.backbone(images.tensors)
-  for h in hooks:
-    h.remove()
-  with torch.no_grad():
-    feats = model.backbone(images.tensors)
-    tvp._rescale(model.rpn.head.cls_logits, torch.cat(  # pylint: disable=protected-access
-        [o.flatten() for o in model.rpn.head(list(feats.values()))[0]]))
-    proposals, _ = model.rpn(images, feats)
-    rh = model.roi_heads
-    x = rh.box_head(rh.box_roi_pool(feats, proposals, images.image_sizes))
-    tvp._rescale(rh.box_predictor.cls_score, rh.box_predictor(x)[0])  # pylint: disable=protected-access
-  return model
+  """Random-init keypointrcnn_resnet50_fpn, made non-trivial as torchvision_parity's model."""
+  return tvp.build_torchvision(
+      calibration, torchvision.models.detection.keypointrcnn_resnet50_fpn)
 
 
 def our_config(padded_hw):

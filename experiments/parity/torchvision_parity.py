@@ -54,11 +54,13 @@ SEED = 0
 # ------------------------------------------------------------------------------ torchvision model
 
 
-def build_torchvision(calibration: list[torch.Tensor]) -> torch.nn.Module:
-  """Random-init maskrcnn_resnet50_fpn with calibrated, randomised BN and spread logits."""
+def build_torchvision(calibration: list[torch.Tensor],
+                      builder=torchvision.models.detection.maskrcnn_resnet50_fpn
+                      ) -> torch.nn.Module:
+  """Random-init torchvision detector (`builder`, default maskrcnn_resnet50_fpn) with
+  calibrated, randomised BN and spread logits."""
   torch.manual_seed(SEED)
-  model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None,
-                                                             weights_backbone=None).eval()
+  model = builder(weights=None, weights_backbone=None).eval()
   gen = torch.Generator().manual_seed(SEED)
   norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
