@@ -6,8 +6,8 @@
         --config.data.source=coco --config.data.val_json=... --config.data.val_images=...
 
 Expected: close to detectron2's model-zoo figures for this model (42.9 box / 38.6 mask AP on
-COCO val2017), with the deviations of `configs/detectron2_maskrcnn_r50_fpn.py` (fixed RoIAlign
-sampling ratio, resize rounding and interpolation). A diff of that preset: only the ResNet depth
+COCO val2017), with the deviations of `configs/detectron2_maskrcnn_r50_fpn.py` (the adaptive
+sampling ratio is capped at 4 per axis). A diff of that preset: only the ResNet depth
 changes (`RESNETS.DEPTH: 101`, stages of 3, 4, 23, 3 bottlenecks, stride in the 1x1 conv as in
 the MSRA `R-101.pkl`); 81 labels, 28x28 masks, the detectron2 mask paste, as for R50. The 3x
 schedule (270k iterations, x0.1 at 210k and 250k) matters only for training.

@@ -25,7 +25,7 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   m.num_classes = 91  # includes background at label 0 (torchvision's COCO label space)
   m.mask_on = True
   m.keypoint_on = False  # Keypoint R-CNN's head (configs/keypointrcnn_r50_fpn.py)
-  m.roi_op = 'align'  # 'align' | 'pool'
+  m.roi_op = 'align'  # 'align' | 'pool' | 'warp' (ops/roi_warp.py)
 
   m.backbone = ml_collections.ConfigDict()
   # 18 | 34 | 50 | 101 | 'tiny' (an int or a string, hence the untyped reference)
@@ -56,6 +56,7 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   m.rpn.post_nms_topk_test = 1000
   m.rpn.nms_thresh = 0.7
   m.rpn.min_size = 1e-3  # torchvision RegionProposalNetwork.min_size
+  m.rpn.rank_by = 'probability'  # torchvision's NMS order (float32 sigmoid); detectron2: 'logit'
   m.rpn.score_thresh = 0.0
   m.rpn.fg_iou_thresh = 0.7
   m.rpn.bg_iou_thresh = 0.3
@@ -70,12 +71,17 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   m.roi.box_output_size = 7
   m.roi.mask_output_size = 14
   m.roi.keypoint_output_size = 14  # torchvision keypoint_roi_pool MultiScaleRoIAlign(14)
-  m.roi.sampling_ratio = 2  # torchvision MultiScaleRoIAlign(sampling_ratio=2)
+  m.roi.sampling_ratio = 2  # torchvision MultiScaleRoIAlign(sampling_ratio=2); 0 = adaptive
+  m.roi.max_sampling_ratio = 4  # the adaptive ratio's cap (static grid of 4 * cap**2 taps a bin)
   m.roi.aligned = False  # torchvision v1 uses the legacy (non half-pixel) RoIAlign
   m.roi.canonical_level = 4  # FPN paper eq. (1)
   m.roi.canonical_scale = 224
   m.roi.min_level = 2
   m.roi.max_level = 5
+  # 0: each RoI from its FPN level (min_level..max_level); k: every RoI from P_k alone (stride
+  # 2**k), as the paper's single-map C4 / C5 rows (Table 2c-d; experiments/ablations/roi_op.py).
+  m.roi.pool_level = 0
+  m.roi.warp_reduce = 'max'  # roi_op='warp': 'max' (the paper's Table 2c RoIWarp row) | 'avg'
   m.roi.fg_iou_thresh = 0.5
   m.roi.bg_iou_thresh = 0.5
   m.roi.batch_size_per_image = 512
@@ -113,10 +119,14 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   m.test.nms_thresh = 0.5
   m.test.detections_per_img = 100
   m.test.min_box_size = 1e-2  # torchvision roi_heads.postprocess_detections
+  m.test.drop_empty_boxes = False  # detectron2 detector_postprocess: clip, drop sides <= 0
   m.test.mask_thresh = 0.5
   # 'torchvision' (integer expanded box, resize, prob > thresh) | 'detectron2' (grid_sample
   # at pixel centres in the float box, prob >= thresh): ops/masks.py
   m.test.mask_paste = 'torchvision'
+  # Keypoint scores: 'logit' (the heatmap logit at the maximum, torchvision) | 'detectron2'
+  # (exp(that logit) / sum of exp over the 56x56 heatmap, heatmaps_to_keypoints' softmax score).
+  m.test.keypoint_score = 'logit'
 
   # ---------------------------------------------------------------- input
   i = c.input = ml_collections.ConfigDict()
@@ -124,6 +134,7 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   i.max_size = 1333
   i.train_min_sizes = (800,)  # multi-scale jitter: one is drawn per image
   i.channel_order = 'RGB'  # 'BGR' for detectron2 MSRA weights
+  i.resize = 'torchvision'  # whose resize: 'torchvision' (float, floor) | 'detectron2' (PIL uint8)
   i.pixel_mean = structures.TORCHVISION_PIXEL_MEAN
   i.pixel_std = structures.TORCHVISION_PIXEL_STD
   # Padded (height, width) size buckets, each divisible by 32; one compile per bucket.
@@ -138,7 +149,8 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
-  # 'coco' | 'shapes' | 'shapes_keypoints' (TFDS records: data.tfds_builder.records_from_tfds)
+  # 'coco' (a JSON and an images folder) | 'tfds' (a built coco_instances dataset, docs/tfds.md)
+  # | 'shapes' | 'shapes_keypoints' (synthetic, generated under data.root)
   d.source = 'coco'
   # 'contiguous': labels 1..K in ascending category id; 'category_id': the raw COCO id is the
   # label (torchvision's 91-class space, for converted torchvision weights).
@@ -148,6 +160,12 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   d.train_json = ''
   d.val_images = ''
   d.val_json = ''
+  # data.source='tfds': a dataset built by `python -m maskrcnn_jax.data.build_tfds`, its
+  # folder ('': TFDS's default, $TFDS_DATA_DIR) and its splits (any TFDS split expression).
+  d.tfds_name = 'coco_instances/coco2017'
+  d.tfds_data_dir = ''
+  d.tfds_train_split = 'train'
+  d.tfds_val_split = 'validation'
   d.shapes_num_train = 1000
   d.shapes_num_val = 100
   d.shapes_size = 256
@@ -169,6 +187,11 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   # keypoint reference uses 10 (coco_utils._coco_remove_images_without_annotations),
   # detectron2 1 (DATALOADER.MIN_KEYPOINTS_PER_IMAGE).
   d.min_keypoints_per_image = 0
+  # Added to labelled keypoints' x, y when the COCO file is read and subtracted from predicted
+  # keypoints written as COCO results. 0: COCO's integer pixel indices as they are
+  # (torchvision); 0.5: pixel centres in continuous coordinates (detectron2, datasets/coco.py
+  # and coco_evaluation.py), so that a flip maps pixel x to pixel W - 1 - x.
+  d.keypoint_offset = 0.0
 
   # ---------------------------------------------------------------- optimisation
   o = c.optim = ml_collections.ConfigDict()
@@ -199,7 +222,17 @@ def get_config(mode: str = '') -> ml_collections.ConfigDict:
   # Use a checkpoint whose stored model structure or input normalisation differs from this
   # config (refused otherwise; shape differences are always refused). It warns naming the fields.
   r.allow_config_mismatch = False
-  r.distributed = False  # call jax.distributed.initialize() (multi-host)
+  # Multi-process runs (docs/pods.md): join the processes through jax.distributed. Each of the
+  # three below, when unset, comes from the environment (JAX_COORDINATOR_ADDRESS,
+  # JAX_NUM_PROCESSES, JAX_PROCESS_ID), else from JAX's cluster detection (SLURM, Cloud TPU,
+  # Kubernetes, Open MPI).
+  r.distributed = False
+  r.coordinator_address = ''  # host:port of process 0
+  r.num_processes = 0  # 0: from the environment or the cluster
+  r.process_id = -1  # -1: from the environment or the cluster
+  # A process that stops responding (or fails) stops the others within this many seconds,
+  # naming it, instead of leaving them blocked in a collective.
+  r.distributed_timeout_s = 120
 
   # ---------------------------------------------------------------- execution
   # How the model is computed, not what it computes: never stored as part of the model's

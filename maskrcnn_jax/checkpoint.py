@@ -96,14 +96,51 @@ def restore_variables(directory: str, abstract_variables: Any, config=None,
   arrays, whose shardings are kept) and `meta`. Checks the stored model config against
   `config` first, so a mismatch is reported by field instead of by a shape error, and verifies
   the arrays against their stored checksums (`restore_items`). Never writes.
+
+  A leaf without a sharding is read whole onto this process's first device on every process
+  of a multi-process run, and wherever the devices the checkpoint was written from (4 devices,
+  a pod's hosts) are not all here, which orbax would otherwise refuse as a topology mismatch.
   """
   meta = read_meta(directory, step)
   if config is not None:
     check_model_config(meta, config, directory)
   step, manager = _open_for_restore(directory, step)
+  local = _with_local_sharding(abstract_variables)
   with manager:
-    restored = restore_items(manager, directory, step, {VARIABLES: abstract_variables})
+    if jax.process_count() > 1:
+      restored = restore_items(manager, directory, step, {VARIABLES: local})
+    else:
+      try:
+        restored = restore_items(manager, directory, step, {VARIABLES: abstract_variables})
+      except CheckpointError as e:
+        if not _is_topology_mismatch(e):
+          raise
+        restored = restore_items(manager, directory, step, {VARIABLES: local})
   return restored[VARIABLES], meta
+
+
+def _is_topology_mismatch(e: BaseException) -> bool:
+  """Whether orbax refused a restore because the writer's devices are not all here (it then
+  needs explicit shardings); read from its message, as orbax has no type for it."""
+  while e is not None:
+    if 'topology' in str(e).lower():
+      return True
+    e = e.__cause__
+  return False
+
+
+def _with_local_sharding(tree: Any) -> Any:
+  """`tree` with every leaf that has no sharding given this process's first device."""
+  local = None
+
+  def leaf(x):
+    nonlocal local
+    if getattr(x, 'sharding', None) is not None:
+      return x
+    local = local or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local)
+
+  return jax.tree_util.tree_map(leaf, tree)
 
 
 # ============================================================================ checksums
@@ -284,6 +321,7 @@ def check_model_config(meta: dict, config, directory: str) -> None:
   stored_model = meta.get('model_config')
   if stored_model is None:
     return
+  stored_model = _with_legacy_fields(stored_model)
   current = structure_meta(config)
   stored = {'model': stored_model, 'input': meta.get('input_config')}
   if stored['input'] is None:  # written before the normalisation was stored: cannot check it
@@ -328,6 +366,34 @@ TRAINING_ONLY_FIELDS = frozenset(
         'roi.batch_size_per_image', 'roi.positive_fraction', 'roi.box_loss',
         'roi.smooth_l1_beta', 'roi.ignore_crowd', 'roi.crowd_ioa_thresh',
         'keypoint_head.loss_normalizer'))
+# `model.*` fields added after checkpoints were first written, with the value that computes
+# what a checkpoint written without the field computed: an older checkpoint is compared as if
+# it stored that value (so it loads into today's default config, and is refused where a
+# config asks for something else, e.g. `roi_op=warp` or `rpn.rank_by=logit`).
+LEGACY_DEFAULTS = {
+    'model.roi.pool_level': 0,  # FPN level assignment
+    'model.roi.warp_reduce': 'max',  # read only with roi_op='warp', which did not exist
+    'model.roi.max_sampling_ratio': 4,  # read only with sampling_ratio=0, which was refused
+    'model.rpn.rank_by': 'probability',
+    'model.test.drop_empty_boxes': False,
+    'model.test.keypoint_score': 'logit',
+}
+
+
+def _with_legacy_fields(stored_model: dict) -> dict:
+  """A copy of a stored `model` config with `LEGACY_DEFAULTS` filled in where it lacks them."""
+  out = json.loads(json.dumps(stored_model))
+  for field, value in LEGACY_DEFAULTS.items():
+    node, keys = out, field.split('.')[1:]
+    for k in keys[:-1]:
+      if not isinstance(node.get(k), dict):
+        break
+      node = node[k]
+    else:
+      node.setdefault(keys[-1], value)
+  return out
+
+
 # Stored by older versions under `model`, now execution knobs (`config.execution`).
 _MOVED_FIELDS = frozenset({'model.mask_head.loss_chunk'})
 

@@ -60,7 +60,8 @@ KNOWN_OUTPUTS = {
                              'bool at the original resolution, pasted, > mask_thresh)'),
     'keypoints': ('keypoints_to_original', '(x, y, 1) per keypoint, padded-input pixels '
                                            '(serving: original pixels)'),
-    'keypoint_scores': ('valid_slots', 'heatmap logit at each keypoint'),
+    'keypoint_scores': ('valid_slots', 'heatmap logit at each keypoint, or detectron2\'s '
+                                       'softmax score (model.test.keypoint_score)'),
     'keypoint_valid': ('valid_slots', "True for the keypoints of the detection's class set"),
 }
 # The keypoint sets' meta (`data.coco` stores K-entry lists, label i + 1 at index i) that the
@@ -245,9 +246,13 @@ def export_model(config: ml_collections.ConfigDict, variables: Any, out_dir: str
           'pixel_std': [float(v) for v in i.pixel_std],
           'min_size': int(i.min_size),
           'max_size': int(i.max_size),
-          'resize': 'bilinear, align_corners=False, no antialias, scale = min(min_size / short '
-                    'side, max_size / long side), floor, >= 1 pixel (torchvision); normalise '
-                    'first, then resize, then zero-pad to the smallest bucket that holds it',
+          'resize_mode': str(i.get('resize', 'torchvision')),
+          'resize': ('bilinear, align_corners=False, no antialias, scale = min(min_size / short '
+                     'side, max_size / long side), floor, >= 1 pixel (torchvision); normalise '
+                     'first, then resize, then zero-pad to the smallest bucket that holds it'
+                     if i.get('resize', 'torchvision') == 'torchvision' else
+                     'uint8 PIL bilinear to ResizeShortestEdge\'s rounded size (detectron2), '
+                     'then normalise, then zero-pad to the smallest bucket that holds it'),
           'size_divisibility': structures.SIZE_DIVISIBILITY,
       },
       'labels': {
@@ -257,6 +262,7 @@ def export_model(config: ml_collections.ConfigDict, variables: Any, out_dir: str
       },
       'detections_per_img': detections,
       'mask_thresh': float(c.model.test.mask_thresh),
+      'drop_empty_boxes': bool(c.model.test.get('drop_empty_boxes', False)),
       'mask_canvas_multiple': mask_head.CANVAS_MULTIPLE,
       'outputs': schema,
       'weights': {'file': serving.WEIGHTS, 'sha256': weights_digest,

@@ -157,12 +157,14 @@ def _explained_errors() -> tuple:
   disk, a missing or unwritable file: its message names the file)."""
   # pylint: disable=g-import-not-at-top  (imported once something failed: no start-up cost)
   from maskrcnn_jax import checkpoint
+  from maskrcnn_jax import distributed
   from maskrcnn_jax import structures
   from maskrcnn_jax import train
   from maskrcnn_jax.data import coco
   from maskrcnn_jax.weights import core
   from maskrcnn_jax.weights import safe_io
-  return (structures.ConfigError, checkpoint.CheckpointError, train.WorkdirBusyError,
+  return (structures.ConfigError, checkpoint.CheckpointError, distributed.DistributedError,
+          train.WorkdirBusyError,
           train.NonFiniteLossError, coco.CocoFormatError, core.WeightsMismatchError,
           safe_io.WeightsFormatError, safe_io.UnsafePickleError, OSError)
 

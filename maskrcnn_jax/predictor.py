@@ -67,7 +67,8 @@ class Predictor:
       raise ValueError(f'expected an [H, W, 3] RGB image, got shape {image.shape}')
     i = self.config.input
     return transforms.prepare_image(image, i.min_size, i.max_size, i.pixel_mean, i.pixel_std,
-                                    i.channel_order, i.buckets)
+                                    i.channel_order, i.buckets,
+                                    resize=i.get('resize', 'torchvision'))
 
   def __call__(self, images: Union[np.ndarray, Sequence[np.ndarray]]):
     single = isinstance(images, np.ndarray) and images.ndim == 3
@@ -95,6 +96,10 @@ class Predictor:
 
   def _finish(self, det, slot: int, original_hw, resized_hw) -> dict[str, np.ndarray]:
     boxes = box_head.boxes_to_original(det['boxes'][slot], original_hw, resized_hw)
+    if self.config.model.test.get('drop_empty_boxes', False):
+      boxes, valid = box_head.clip_and_drop_empty(boxes, det['valid'][slot], original_hw)
+      det = {**det, 'valid': np.array(det['valid'], copy=True)}
+      det['valid'][slot] = valid
     out = self._box_head.postprocess(det, slot, boxes, original_hw, resized_hw)
     for head in self.model.heads.values():
       out.update(head.postprocess(det, slot, boxes, original_hw, resized_hw))

@@ -62,9 +62,19 @@ def artifact_name(bucket: Sequence[int], platform: str) -> str:
 # operation so that the float32 results are identical (tests/test_export.py compares them).
 
 
-def resize_shape(h: int, w: int, min_size: float, max_size: float) -> tuple[int, int]:
+def resize_shape(h: int, w: int, min_size: float, max_size: float,
+                 mode: str = 'torchvision') -> tuple[int, int]:
   """(new_h, new_w) = floor(dim * min(min_size / short side, max_size / long side)), in double
-  precision as torchvision, at least one pixel per side."""
+  precision as torchvision, at least one pixel per side; mode 'detectron2': its
+  ResizeShortestEdge (short side to min_size, both shrunk if the long one passes max_size, each
+  rounded half up)."""
+  if mode == 'detectron2':
+    short, size = min(h, w), float(min_size)
+    new_h, new_w = (size, size / short * w) if h < w else (size / short * h, size)
+    if max(new_h, new_w) > max_size:
+      shrink = float(max_size) / max(new_h, new_w)
+      new_h, new_w = new_h * shrink, new_w * shrink
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
   scale = min(float(min_size) / min(h, w), float(max_size) / max(h, w))
   return (max(1, int(np.floor(float(h) * scale))), max(1, int(np.floor(float(w) * scale))))
 
@@ -119,12 +129,19 @@ def choose_bucket(height: int, width: int, buckets: Sequence[Sequence[int]]) -> 
 
 def prepare_image(image: np.ndarray, min_size: int, max_size: int, mean: Sequence[float],
                   std: Sequence[float], channel_order: str,
-                  buckets: Sequence[Sequence[int]]):
+                  buckets: Sequence[Sequence[int]], resize: str = 'torchvision'):
   """One uint8 `[h, w, 3]` RGB image -> `(float32 [Hb, Wb, 3], (new_h, new_w), (Hb, Wb))`:
-  normalise, resize, zero-pad at the bottom/right to the smallest bucket that holds it."""
+  normalise, resize, zero-pad at the bottom/right to the smallest bucket that holds it
+  (`resize='detectron2'`: PIL's uint8 bilinear resize first, then normalise; needs pillow)."""
   h, w = image.shape[:2]
-  new_h, new_w = resize_shape(h, w, min_size, max_size)
-  x = resize_image(normalize(image, mean, std, channel_order), new_h, new_w)
+  new_h, new_w = resize_shape(h, w, min_size, max_size, resize)
+  if resize == 'detectron2':
+    from PIL import Image  # pylint: disable=g-import-not-at-top  (only this mode needs it)
+    small = image if (h, w) == (new_h, new_w) else np.asarray(
+        Image.fromarray(np.asarray(image, np.uint8)).resize((new_w, new_h), Image.BILINEAR))
+    x = normalize(small, mean, std, channel_order)
+  else:
+    x = resize_image(normalize(image, mean, std, channel_order), new_h, new_w)
   bucket = choose_bucket(new_h, new_w, buckets)
   if (new_h, new_w) != bucket:
     padded = np.zeros(bucket + x.shape[2:], np.float32)
@@ -337,6 +354,7 @@ class Runtime:
     self._input = manifest['input']
     self._outputs = manifest['outputs']
     self._mask_thresh = float(manifest.get('mask_thresh', 0.5))
+    self._drop_empty = bool(manifest.get('drop_empty_boxes', False))
     self._canvas_multiple = int(manifest.get('mask_canvas_multiple', 1))
     self._weights = jax.device_put(weights)
     # exported.call traced under jit: one compile per bucket, the weights stay arguments.
@@ -349,7 +367,7 @@ class Runtime:
       raise ValueError(f'expected an [H, W, 3] RGB image, got shape {image.shape}')
     i = self._input
     return prepare_image(image, i['min_size'], i['max_size'], i['pixel_mean'], i['pixel_std'],
-                         i['channel_order'], self.buckets)
+                         i['channel_order'], self.buckets, i.get('resize_mode', 'torchvision'))
 
   def detect(self, images: np.ndarray, image_size: np.ndarray) -> dict:
     """The program's raw outputs (padded-input frame, all D slots, device arrays) for a
@@ -386,11 +404,21 @@ class Runtime:
 
   def _finish(self, det: dict, slot: int, original_hw, resized_hw) -> dict:
     valid = np.asarray(det['valid'][slot])
+    clip = None
+    if self._drop_empty:  # detectron2's detector_postprocess: clip, then drop empty boxes
+      h, w = (np.float32(s) for s in original_hw)
+      b = boxes_to_original(np.asarray(det['boxes'][slot]), original_hw, resized_hw)
+      b[:, 0::2] = np.clip(b[:, 0::2], 0, w)
+      b[:, 1::2] = np.clip(b[:, 1::2], 0, h)
+      valid = valid & (b[:, 2] - b[:, 0] > 0) & (b[:, 3] - b[:, 1] > 0)
+      clip = b
     out = {}
     for name, spec in self._outputs.items():
       kind = spec['postprocess']
       if kind == 'boxes_to_original':
-        out[name] = boxes_to_original(det[name][slot], original_hw, resized_hw)[valid]
+        b = clip if clip is not None and name == 'boxes' else boxes_to_original(
+            det[name][slot], original_hw, resized_hw)
+        out[name] = b[valid]
       elif kind == 'keypoints_to_original':
         out[name] = keypoints_to_original(det[name][slot], original_hw, resized_hw)[valid]
       elif kind == 'valid_slots':
@@ -398,7 +426,8 @@ class Runtime:
       elif kind == 'paste_masks':
         h, w = (int(s) for s in original_hw)
         m = self._canvas_multiple
-        boxes = boxes_to_original(np.asarray(det['boxes'][slot]), original_hw, resized_hw)
+        boxes = (clip if clip is not None else
+                 boxes_to_original(np.asarray(det['boxes'][slot]), original_hw, resized_hw))
         pasted = _paste_binary(det[name][slot], jnp.asarray(boxes), math.ceil(h / m) * m,
                                math.ceil(w / m) * m, self._mask_thresh)
         out[name] = np.asarray(pasted)[valid, :h, :w]

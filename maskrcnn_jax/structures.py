@@ -46,12 +46,15 @@ from maskrcnn_jax.ops import masks as mask_ops
 TORCHVISION_PIXEL_MEAN = (123.675, 116.28, 103.53)
 TORCHVISION_PIXEL_STD = (58.395, 57.12, 57.375)
 
-ROI_OPS = ('align', 'pool')
+ROI_OPS = ('align', 'pool', 'warp')
+WARP_REDUCES = ('max', 'avg')  # ops/roi_warp.py
 BACKBONE_DEPTHS = (18, 34, 50, 101, 'tiny')
 DTYPES = ('float32', 'bfloat16')
-DATA_SOURCES = ('coco', 'shapes', 'shapes_keypoints')
+DATA_SOURCES = ('coco', 'shapes', 'shapes_keypoints', 'tfds')
 BACKBONE_NORMS = ('frozen_bn', 'none')
 MASK_PASTES = mask_ops.PASTE_MODES  # model.test.mask_paste
+RPN_RANKS = ('probability', 'logit')  # model.rpn.rank_by
+KEYPOINT_SCORES = ('logit', 'detectron2')  # model.test.keypoint_score
 SIZE_DIVISIBILITY = 32  # the coarsest backbone stride before P6; buckets must be multiples
 
 
@@ -72,10 +75,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _fail('dtype', config.dtype, f'expected one of {DTYPES}')
   if m.roi_op not in ROI_OPS:
     _fail('model.roi_op', m.roi_op, f'expected one of {ROI_OPS}')
-  if int(m.roi.sampling_ratio) < 1:
+  if int(m.roi.sampling_ratio) != m.roi.sampling_ratio or m.roi.sampling_ratio < 0:
     _fail('model.roi.sampling_ratio', m.roi.sampling_ratio,
-          'must be >= 1 (a static sample grid; adaptive sampling (0) is approximated by '
-          'choosing a fixed ratio)')
+          'must be an int >= 1 (a fixed sample grid) or 0 (adaptive, ceil(RoI side / output '
+          'size) per RoI, capped at model.roi.max_sampling_ratio)')
+  if m.roi_op == 'warp' and m.roi.sampling_ratio < 1:
+    _fail('model.roi.sampling_ratio', m.roi.sampling_ratio,
+          "must be >= 1 with model.roi_op='warp' (samples per quantised bin and axis)")
   if m.num_classes < 2:
     _fail('model.num_classes', m.num_classes, 'must count background plus at least one class')
   if m.backbone.depth not in BACKBONE_DEPTHS:
@@ -95,6 +101,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not (m.fpn.min_level <= m.roi.min_level <= m.roi.max_level < m.fpn.max_level + 1):
     _fail('model.roi.min_level/max_level', (m.roi.min_level, m.roi.max_level),
           'must lie within the FPN levels')
+  pool_level = m.roi.get('pool_level', 0)
+  if pool_level != 0 and not m.fpn.min_level <= pool_level <= m.fpn.max_level:
+    _fail('model.roi.pool_level', pool_level,
+          f'must be 0 (FPN level assignment) or a level in {m.fpn.min_level}..{m.fpn.max_level}')
+  if m.roi.get('warp_reduce', 'max') not in WARP_REDUCES:
+    _fail('model.roi.warp_reduce', m.roi.warp_reduce, f'expected one of {WARP_REDUCES}')
   if m.get('keypoint_on', False):
     _validate_keypoints(m)
   if m.mask_head.resolution != 2 * m.roi.mask_output_size:
@@ -115,6 +127,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f'must be <= model.{group}.fg_iou_thresh ({m[group].fg_iou_thresh})')
   if m.backbone.norm not in BACKBONE_NORMS:
     _fail('model.backbone.norm', m.backbone.norm, f'expected one of {BACKBONE_NORMS}')
+  if m.rpn.get('rank_by', 'probability') not in RPN_RANKS:
+    _fail('model.rpn.rank_by', m.rpn.rank_by, f'expected one of {RPN_RANKS}')
   if m.test.get('mask_paste', 'torchvision') not in MASK_PASTES:
     _fail('model.test.mask_paste', m.test.mask_paste, f'expected one of {MASK_PASTES}')
   _validate_input(config.input)
@@ -134,6 +148,8 @@ def _validate_keypoints(m: ml_collections.ConfigDict) -> None:
   if k.loss_normalizer not in ('visible', 'fixed'):
     _fail('model.keypoint_head.loss_normalizer', k.loss_normalizer,
           "expected 'visible' or 'fixed'")
+  if m.test.get('keypoint_score', 'logit') not in KEYPOINT_SCORES:
+    _fail('model.test.keypoint_score', m.test.keypoint_score, f'expected one of {KEYPOINT_SCORES}')
 
 
 def _validate_execution(e: ml_collections.ConfigDict) -> None:
@@ -182,6 +198,8 @@ NUMERIC_RANGES = (
     ('model.mask_head.conv_dim', 'int', '[1, inf)'),
     ('model.mask_head.num_convs', 'int', '[0, inf)'),
     ('model.roi.keypoint_output_size', 'int', '[1, inf)'),
+    ('model.roi.pool_level', 'int', '[0, inf)'),  # and 0 or an FPN level (validate_config)
+    ('model.roi.max_sampling_ratio', 'int', '[1, 16]'),  # sampling_ratio=0's cap
     ('model.keypoint_head.conv_dim', 'int', '[1, inf)'),
     ('model.keypoint_head.num_convs', 'int', '[0, inf)'),
     ('model.keypoint_head.num_keypoints', 'ints', '[0, inf)'),
@@ -203,6 +221,7 @@ NUMERIC_RANGES = (
     ('data.max_bad_images', 'int', '[0, inf)'),
     ('data.min_keypoints_per_image', 'int', '[0, inf)'),  # 0: off
     ('data.min_keypoints_per_image', 'int', '[0, inf)'),  # 0: no filter
+    ('data.keypoint_offset', 'float', '[0, 1)'),  # 0 (torchvision) or 0.5 (detectron2)
     # ---- optim
     ('optim.base_lr', 'float', '(0, inf)'),
     ('optim.base_batch_size', 'int', '[1, inf)'),
@@ -220,6 +239,9 @@ NUMERIC_RANGES = (
     ('run.checkpoint_every', 'int', '[0, inf)'),  # 0: only at the end (and on SIGTERM)
     ('run.keep_checkpoints', 'int', '[1, inf)'),  # orbax deletes every checkpoint at 0
     ('run.num_eval_pictures', 'int', '[0, inf)'),
+    ('run.num_processes', 'int', '[0, inf)'),  # 0: from the environment or the cluster
+    ('run.process_id', 'int', '[-1, inf)'),  # -1: from the environment or the cluster
+    ('run.distributed_timeout_s', 'int', '[1, inf)'),
 )
 
 
@@ -297,6 +319,12 @@ def validate_data(config: ml_collections.ConfigDict, splits: Sequence[str]) -> N
   d = config.data
   if d.source not in DATA_SOURCES:
     _fail('data.source', d.source, f'expected one of {DATA_SOURCES}')
+  if d.source == 'tfds':
+    if d.get('keypoint_offset', 0.0) and config.model.get('keypoint_on', False):
+      _fail('data.keypoint_offset', d.keypoint_offset,
+            "is applied when a COCO JSON is read; data.source='tfds' records do not get it yet "
+            '(evaluation would still subtract it): use data.source=coco or keypoint_offset=0')
+    _validate_tfds(d, splits)
   if d.source != 'coco':
     return
   for split in splits:
@@ -308,9 +336,29 @@ def validate_data(config: ml_collections.ConfigDict, splits: Sequence[str]) -> N
               "--config=configs/shapes.py")
 
 
+def _validate_tfds(d: ml_collections.ConfigDict, splits: Sequence[str]) -> None:
+  """data.source='tfds': the name and split fields are set, and the dataset is built with
+  those splits (read from its metadata only, so this is cheap)."""
+  for field in ('tfds_name',) + tuple(f'tfds_{split}_split' for split in splits):
+    if not isinstance(d.get(field), str) or not d.get(field):
+      _fail(f'data.{field}', d.get(field),
+            "must be set for data.source='tfds' (see configs/maskrcnn_r50_fpn.py and "
+            'docs/tfds.md)')
+  # Imported here: tensorflow-datasets is needed only by this source.
+  from maskrcnn_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  data_dir = d.get('tfds_data_dir') or None
+  for field in ('tfds_name',) + tuple(f'tfds_{split}_split' for split in splits):
+    try:
+      tfds_builder.check_built(d.tfds_name, [] if field == 'tfds_name' else [d[field]], data_dir)
+    except tfds_builder.TfdsNotFoundError as e:
+      _fail(f'data.{field}', d[field], f'{e} (config.data.tfds_data_dir = {data_dir!r})')
+
+
 def _validate_input(i: ml_collections.ConfigDict) -> None:
   if i.channel_order not in ('RGB', 'BGR'):
     _fail('input.channel_order', i.channel_order, "expected 'RGB' or 'BGR'")
+  if i.get('resize', 'torchvision') not in ('torchvision', 'detectron2'):
+    _fail('input.resize', i.resize, "expected 'torchvision' or 'detectron2'")
   if len(i.pixel_mean) != 3 or len(i.pixel_std) != 3 or min(i.pixel_std) <= 0:
     _fail('input.pixel_mean/pixel_std', (i.pixel_mean, i.pixel_std),
           'need three values each and positive std')

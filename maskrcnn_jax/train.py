@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from maskrcnn_jax import checkpoint as ckpt
+from maskrcnn_jax import distributed
 from maskrcnn_jax.backends import host
 from maskrcnn_jax import structures
 from maskrcnn_jax.modeling import mask_rcnn
@@ -310,18 +311,34 @@ _COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint and train_and_evaluate raises Preempted."""
+  """SIGTERM sets a flag; the loop saves a checkpoint and train_and_evaluate raises Preempted.
+
+  With several processes a SIGTERM may reach only some of them, and all must save the same
+  step: JAX's preemption service (its own SIGTERM handler, left in place) propagates the
+  notice and `reached_preemption_sync_point` names the one step every process stops at."""
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multi = jax.process_count() > 1
 
   def __enter__(self):
+    if self._multi:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. a test runner thread): no handler
       self._previous = None
     return self
+
+  def poll(self, step: int) -> bool:
+    """Whether to stop after `step`; called once per step, by every process."""
+    if self._multi and not self.requested:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      self.requested = bool(multihost_utils.reached_preemption_sync_point(step))
+      if self.requested:
+        logging.warning('preemption notice: every process saves step %d and stops', step)
+    return self.requested
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -476,10 +493,16 @@ def _restore(manager, state: TrainState, train_iter, workdir: str, config) -> Tr
                                 {ckpt.VARIABLES: state.variables, ckpt.TRAIN: _train_item(state)},
                                 json_items=(ckpt.INPUT,))
   train_iter.set_state(restored[ckpt.INPUT])
+  distributed.check_same(distributed.next_tag('input_state'), ckpt.jsonable(
+      train_iter.get_state()), 'the restored input state', _SHARED_WORKDIR_HINT)
   v, t = restored[ckpt.VARIABLES], restored[ckpt.TRAIN]
   logging.info('resumed from %s at step %d', workdir, step)
   return state.replace(step=t['step'], params=v['params'], constants=v['constants'],
                        opt_state=t['opt_state'], rng=t['rng'])
+
+
+_SHARED_WORKDIR_HINT = ('; the workdir must be a filesystem every host sees, at the same path '
+                        '(docs/pods.md)')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -496,22 +519,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   The whole run holds the workdir's lock (`workdir_lock`; a second run in the same workdir
   raises WorkdirBusyError before building anything). On multi-process runs only process 0
   takes it: the processes of one run share the workdir, and a second run is stopped by its own
-  process 0 (its other processes then fail in their first collective, when the distributed
-  runtime sees process 0 gone). Raises Preempted after SIGTERM, once the checkpoint is written.
+  process 0 (its other processes stop on the watchdog's verdict naming it). Raises Preempted
+  after SIGTERM, once the checkpoint is written.
+
+  Multi-process runs (`run.distributed`, docs/pods.md): every process calls this with the same
+  config and workdir (a filesystem all hosts see); each feeds its slice of every global batch,
+  writes its part of each checkpoint (orbax commits a step once every process finished it),
+  checks that all resume from the same step and input state, and evaluates its slice of the
+  validation split. Only process 0 writes TensorBoard events, the progress bar, pictures and
+  metrics. A lost or failed process stops the others within `run.distributed_timeout_s`.
   """
   structures.validate_config(config)
   if num_steps is not None and not (isinstance(num_steps, int) and num_steps >= 1):
     raise ValueError(f'num_steps = {num_steps!r}: must be an integer >= 1')
   if train_iter is None:
     structures.validate_data(config, ('train', 'val') if _evaluates(config) else ('train',))
-  if config.run.distributed:
-    jax.distributed.initialize()
-  os.makedirs(workdir, exist_ok=True)
-  with contextlib.ExitStack() as stack:  # unwound in reverse: manager, input, then the lock
-    if jax.process_index() == 0:
-      stack.enter_context(workdir_lock(workdir))
-    return _train_and_evaluate(config, workdir, stack, train_iter=train_iter,
-                               evaluate_fn=evaluate_fn, num_steps=num_steps, model=model)
+  distributed.settings(config)  # a bad process setting stops the run before anything starts
+  with distributed.processes(config, clean_exits=(Preempted,)):
+    os.makedirs(workdir, exist_ok=True)
+    with contextlib.ExitStack() as stack:  # unwound in reverse: manager, input, then the lock
+      if jax.process_index() == 0:
+        stack.enter_context(workdir_lock(workdir))
+      return _train_and_evaluate(config, workdir, stack, train_iter=train_iter,
+                                 evaluate_fn=evaluate_fn, num_steps=num_steps, model=model)
 
 
 def _train_and_evaluate(config, workdir: str, stack: contextlib.ExitStack, *, train_iter,
@@ -536,6 +566,10 @@ def _train_and_evaluate(config, workdir: str, stack: contextlib.ExitStack, *, tr
   state, state_shardings, optimizer = init_state(config, model, mesh, bucket)
   manager = ckpt.make_manager(workdir, max_to_keep=config.run.keep_checkpoints)
   checkpointer = stack.enter_context(_Checkpointer(manager, workdir))
+  # Every process must resume from the same step; they see different ones when the workdir
+  # is not one filesystem that all hosts share.
+  distributed.check_same(distributed.next_tag('latest_step'), manager.latest_step(),
+                         f'the latest checkpoint step in {workdir}', _SHARED_WORKDIR_HINT)
   if manager.latest_step() is not None:
     state = _restore(manager, state, train_iter, workdir, config)
   else:
@@ -577,6 +611,7 @@ def _train_and_evaluate(config, workdir: str, stack: contextlib.ExitStack, *, tr
           host.release_host_memory()
         step += 1
         n_images += config.input.batch_size
+        preemption.poll(step)
         if pending is not None:
           last_metrics = check(*pending)
         pending = (step, metrics)
@@ -651,7 +686,8 @@ def _progress(start: int, total: int):
 
 def _log(writer, progress, step: int, metrics: dict) -> None:
   text = ' '.join(f'{k}={v:.4g}' for k, v in sorted(metrics.items()))
-  progress.write(f'step {step}: {text}')
+  if jax.process_index() == 0:
+    progress.write(f'step {step}: {text}')
   logging.info('step %d: %s', step, text)
   if writer is not None:
     for k, v in metrics.items():

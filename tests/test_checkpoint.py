@@ -197,3 +197,28 @@ def test_checkpoint_without_checksums_restores_with_a_note(tiny_config, tmp_path
   restored, _ = ckpt.restore_variables(str(tmp_path), _abstract(tiny_config), tiny_config)
   assert not _differs(restored, variables)
   assert f'checkpoint {tmp_path} step 0 has no checksums' in caplog.text
+
+
+def test_a_checkpoint_without_later_fields_loads_as_their_legacy_values(tiny_config):
+  """A checkpoint written before a `model.*` field existed (LEGACY_DEFAULTS) is compared as if
+  it stored the value that reproduces its behaviour: it loads into the default config and is
+  refused by a config that asks for another behaviour."""
+  meta = ckpt.structure_meta(tiny_config)
+  for field in ckpt.LEGACY_DEFAULTS:  # as an older version wrote it
+    node = meta['model_config']
+    *parents, leaf = field.split('.')[1:]
+    for k in parents:
+      node = node[k]
+    del node[leaf]
+  ckpt.check_model_config(meta, tiny_config, 'old-ckpt')  # no difference
+  other = tiny_config.copy_and_resolve_references()
+  other.model.rpn.rank_by = 'logit'
+  with pytest.raises(ckpt.CheckpointError, match=r"model.rpn.rank_by: checkpoint 'probability' "
+                                                 r"vs config 'logit'"):
+    ckpt.check_model_config(meta, other, 'old-ckpt')
+  # Each legacy value is the base config's default: a new checkpoint stores the same.
+  for field, value in ckpt.LEGACY_DEFAULTS.items():
+    node = tiny_config
+    for k in field.split('.'):
+      node = node[k]
+    assert node == value, field

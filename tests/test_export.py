@@ -228,8 +228,9 @@ def test_keypoint_model_exports_and_serves_like_the_predictor(tmp_path):
 # ------------------------------------------------------------------------------ serving's copies
 
 
-@pytest.mark.parametrize('order', ['RGB', 'BGR'])
-def test_preprocessing_equals_the_pipeline_bit_for_bit(order):
+@pytest.mark.parametrize('order,resize', [('RGB', 'torchvision'), ('BGR', 'torchvision'),
+                                          ('BGR', 'detectron2')])
+def test_preprocessing_equals_the_pipeline_bit_for_bit(order, resize):
   rng = np.random.default_rng(1)
   mean, std = (103.53, 116.28, 123.675), (1.0, 2.5, 57.375)
   cases = [((48, 80), 64, 96, ((64, 96), (96, 64), (64, 64))),
@@ -240,8 +241,8 @@ def test_preprocessing_equals_the_pipeline_bit_for_bit(order):
            ((1000, 700), 800, 1333, ((1344, 800), (1216, 800)))]
   for (h, w), lo, hi, buckets in cases:
     image = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
-    want = transforms.prepare_image(image, lo, hi, mean, std, order, buckets)
-    got = serving.prepare_image(image, lo, hi, mean, std, order, buckets)
+    want = transforms.prepare_image(image, lo, hi, mean, std, order, buckets, resize=resize)
+    got = serving.prepare_image(image, lo, hi, mean, std, order, buckets, resize)
     assert got[1:] == want[1:]
     assert got[0].dtype == np.float32 and got[0].tobytes() == want[0].tobytes(), (h, w)
 

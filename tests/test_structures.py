@@ -24,7 +24,9 @@ def _set(config, field, value):
 
 @pytest.mark.parametrize('field,value,message', [
     ('model.roi_op', 'bilinear', 'config.model.roi_op'),
-    ('model.roi.sampling_ratio', 0, 'config.model.roi.sampling_ratio'),
+    ('model.roi.sampling_ratio', -1, 'config.model.roi.sampling_ratio'),
+    ('model.roi.max_sampling_ratio', 0, 'config.model.roi.max_sampling_ratio'),
+    ('model.rpn.rank_by', 'score', 'config.model.rpn.rank_by'),
     ('model.anchors.sizes', (32, 64, 128), 'config.model.anchors.sizes'),
     ('input.buckets', ((800, 1333),), 'config.input.buckets'),
     ('dtype', 'float16', 'config.dtype'),

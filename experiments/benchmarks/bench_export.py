@@ -1,6 +1,6 @@
 """Latency of the exported R50-FPN detector (`serving.load`) against the Predictor, same run.
 
-    flock /tmp/heavy.lock python experiments/benchmarks/bench_export.py [--repeats=5]
+    python experiments/benchmarks/bench_export.py [--repeats=5]
         [--backend=auto|xla|cpu]
 
 One 800x1216 image (bench_model.py's), end to end in both: preprocessing, the detector, box

@@ -13,27 +13,26 @@ with random weights, then made non-trivial so that a conversion bug cannot hide:
   logits have standard deviation 2 (detectron2 initialises the mask predictor with std 1e-3,
   which leaves every mask probability at 0.5 +- 1e-3, and scores every class about 1/81).
 
-Each model runs twice: with both poolers at sampling ratio 2 (`POOLER_SAMPLING_RATIO = 2`, what
-our static-shape RoIAlign does), and with detectron2's own adaptive ratio 0 (ceil(RoI side /
-bins) samples per bin, per RoI) against our fixed 2. Levels reported per image:
+Each model runs twice: with both poolers at sampling ratio 2 (`POOLER_SAMPLING_RATIO = 2`) on
+both sides, and with detectron2's own adaptive ratio 0 (ceil(RoI side / bins) samples per bin,
+per RoI) against ours at the fixed 2 and at our adaptive ratio 0 (`model.roi.sampling_ratio = 0`,
+a masked grid exact up to `max_sampling_ratio`; the preset ships the cap 4). Levels per image:
 
   model:    detectron2's own preprocessed tensor (BGR, Caffe means, padded to a multiple of 32)
             fed to both models: ResNet and FPN features, RPN proposals, detections in the resized
             frame, 28x28 mask probabilities, and both pastes (`paste_masks_in_image` vs
             `ops.masks.paste_masks_detectron2`) of each side's own masks at the resized size;
-  pipeline: the uint8 image through `DefaultPredictor` vs our `Predictor`, in the original frame.
-            The resizes differ (detectron2 rounds the side and uses PIL's bilinear on uint8,
-            antialiased when shrinking; ours floors and interpolates float pixels), so this level
-            measures what that deviation moves.
+  pipeline: the uint8 image through `DefaultPredictor` vs our `Predictor` with the preset
+            (`input.resize='detectron2'`: its rounding and PIL's uint8 bilinear resize), in the
+            original frame; where detectron2 resizes, also ours with torchvision's resize, to
+            show what that deviation would move.
   ratio:    the adaptive grid detectron2 uses per RoI (box head on the proposals, mask head on the
-            detections) and, with `--capped`, our RoIAlign with a masked-sample grid exact up to
-            a cap (a prototype patched in here, not part of the package).
+            detections).
 
-Reading the output: with random weights a detector's top-100 is fragile, so the pipeline level
-at sizes the resizes change matches almost nothing (0.2 grey levels of input difference reorder
-the near-tied scores); the line "ours on detectron2's resized pixels" is the same pipeline minus
-the resize, and matches. Where detectron2's proposals have logits above ~15, float32 sigmoids
-tie and our RPN (which ranks by sigmoid) may keep a few other proposals ("sigmoid ties").
+Reading the output: with random weights a detector's top-100 is fragile (near-tied scores), so
+small input differences reorder it; that is why the resize must match exactly. The preset ranks
+RPN proposals by logit as detectron2 does (`model.rpn.rank_by='logit'`); "sigmoid ties" counts
+the proposals an order by float32 probability (torchvision's) would have left tied.
 
 Images (scikit-image): coffee resized to 800x1056 (detectron2's resize leaves it unchanged),
 rocket 427x640 (-> 800x1199), astronaut 512x512 (-> 800x800), chelsea 300x451 (-> 800x1203 in
@@ -71,7 +70,6 @@ from maskrcnn_jax import predictor as predictor_lib
 from maskrcnn_jax import weights
 from maskrcnn_jax.data import transforms
 from maskrcnn_jax.modeling import mask_rcnn
-from maskrcnn_jax.ops import boxes as box_ops
 from maskrcnn_jax.ops import masks as mask_ops
 from maskrcnn_jax.ops import roi_align as roi_ops
 
@@ -86,19 +84,12 @@ MODELS = {
 
 
 NOTES = """
-Random weights make a detector's top 100 fragile: at sizes the two resizes change, 0.2-0.35 grey
-levels of input difference (PIL's uint8 output; up to 8.6 where PIL antialiases a shrink) reorder
-the near-tied scores, so the pipeline level matches almost nothing there ("0.0%"); "ours on
-detectron2's resized pixels" is the same pipeline minus the resize and matches as the model level
-does. How far the resize moves trained detections needs trained weights (none offline here).
-"sigmoid ties": detectron2 ranks RPN proposals by logit, our RPN by float32 sigmoid, which ties
-for large logits (spacing 6e-8 near 1); where hundreds tie, NMS may keep a few other proposals
-(R101 astronaut: 99.0% of proposals, 98% of detections; ranking by logit in
-rpn.generate_proposals gives 100% / 100% there, checked separately).
-"d2 ratio 0": detectron2's adaptive sampling (ceil(RoI side / bins) per RoI) against our fixed
-ratio 2. "prototype cap N": a masked N x N sample grid per bin that equals the adaptive one for
-every RoI needing <= N (patched into ops.roi_align._bin_taps by this script, not in the package);
-its RoIAlign times are best-of-5 on a shared 2-core CPU.
+"sigmoid ties": proposals whose float32 sigmoids tie (spacing 6e-8 near 1): torchvision's order
+by probability would be arbitrary among them; the preset ranks by logit, as detectron2 does.
+"d2 ratio 0": detectron2's adaptive sampling (ceil(RoI side / bins) per RoI and axis). "ours at
+ratio 0 capped at N": our sampling_ratio=0, a masked N x N grid per bin, equal to the adaptive
+one for every RoI that needs <= N (the preset's N is 4). RoIAlign times are best-of-5 on a
+shared 2-core CPU.
 """
 
 
@@ -132,6 +123,27 @@ def build_detectron2(name: str, images: list) -> torch.nn.Module:
   """Random-init model with calibrated, randomised FrozenBN and spread logits (ratio 2)."""
   torch.manual_seed(SEED)
   model = build_model(d2_cfg(name, 2)).eval()
+  il = calibrate_norms(model, images)
+  with torch.no_grad():
+    feats = model.backbone(il.tensor)
+    rpn = model.proposal_generator
+    logits, _ = rpn.rpn_head([feats[f] for f in rpn.in_features])
+    _rescale(rpn.rpn_head.objectness_logits, torch.cat([o.flatten() for o in logits]))
+    proposals, _ = rpn(il, feats)
+    rh = model.roi_heads
+    in_feats = [feats[f] for f in rh.box_in_features]
+    x = rh.box_head(rh.box_pooler(in_feats, [p.proposal_boxes for p in proposals]))
+    _rescale(rh.box_predictor.cls_score, rh.box_predictor(x)[0])
+    boxes = [p.proposal_boxes[:200] for p in proposals]
+    mask_x = rh.mask_head.layers(rh.mask_pooler([feats[f] for f in rh.mask_in_features], boxes))
+    _rescale(rh.mask_head.predictor, mask_x)
+  return model
+
+
+def calibrate_norms(model: torch.nn.Module, images: list):
+  """Every FrozenBN of `model` calibrated on the detectron2-resized `images` (one padded
+  batch, each norm on its own input), times random factors, plus random affine terms; returns
+  that batch's ImageList."""
   gen = torch.Generator().manual_seed(SEED)
   norms = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
 
@@ -153,21 +165,7 @@ def build_detectron2(name: str, images: list) -> torch.nn.Module:
     model.backbone(il.tensor)
   for h in hooks:
     h.remove()
-
-  with torch.no_grad():
-    feats = model.backbone(il.tensor)
-    rpn = model.proposal_generator
-    logits, _ = rpn.rpn_head([feats[f] for f in rpn.in_features])
-    _rescale(rpn.rpn_head.objectness_logits, torch.cat([o.flatten() for o in logits]))
-    proposals, _ = rpn(il, feats)
-    rh = model.roi_heads
-    in_feats = [feats[f] for f in rh.box_in_features]
-    x = rh.box_head(rh.box_pooler(in_feats, [p.proposal_boxes for p in proposals]))
-    _rescale(rh.box_predictor.cls_score, rh.box_predictor(x)[0])
-    boxes = [p.proposal_boxes[:200] for p in proposals]
-    mask_x = rh.mask_head.layers(rh.mask_pooler([feats[f] for f in rh.mask_in_features], boxes))
-    _rescale(rh.mask_head.predictor, mask_x)
-  return model
+  return il
 
 
 def _rescale(layer: torch.nn.Module, logits: torch.Tensor) -> None:
@@ -202,9 +200,13 @@ def load_images() -> list[tuple[str, np.ndarray]]:
 # ------------------------------------------------------------------------------ our side
 
 
-def our_config(name: str, padded_hw):
+def our_config(name: str, padded_hw, ratio: int = 2, cap: int = 4):
+  """The preset with one bucket and the pooler sampling ratio `ratio` (0: adaptive, capped at
+  `cap`; the preset itself ships 0 capped at 4)."""
   c = MODELS[name][1].get_config()
   c.input.buckets = (tuple(int(v) for v in padded_hw),)
+  c.model.roi.sampling_ratio = ratio
+  c.model.roi.max_sampling_ratio = cap
   return c
 
 
@@ -218,65 +220,6 @@ def grid_sizes(boxes: np.ndarray, out: int, canonical=224.0, lo=2, hi=5):
   gy = np.ceil((b[:, 3] - b[:, 1]) * scale / out)
   gx = np.ceil((b[:, 2] - b[:, 0]) * scale / out)
   return np.maximum(gy, 1), np.maximum(gx, 1)
-
-
-# ------------------------------------------------------------------------------ capped adaptive
-
-
-def capped_adaptive_bin_taps(cap: int):
-  """A `_bin_taps` whose grid per RoI is detectron2's adaptive one, ceil(side / bins) per axis,
-  clipped to `cap`: `cap x cap` sample slots per bin, those past the RoI's own grid weighted 0,
-  the rest weighted 1 / (gy * gx). Exact (up to float) while no RoI needs more than `cap`."""
-  original = roi_ops._bin_taps  # pylint: disable=protected-access
-
-  def taps(boxes, scale, heights, widths, offsets, output_size, sampling_ratio, aligned):
-    del sampling_ratio
-    oh, ow = roi_ops._pair(output_size)  # pylint: disable=protected-access
-    boxes = jax.lax.stop_gradient(boxes.astype(jnp.float32))
-    scale = jnp.asarray(scale, jnp.float32)
-    off = 0.5 if aligned else 0.0
-
-    def axis(lo, hi, size, pooled):
-      start, end = lo * scale - off, hi * scale - off
-      extent = end - start if aligned else jnp.maximum(end - start, 1.0)
-      bin_size = box_ops.true_divide(extent, pooled)
-      # torchvision: grid = ceil(side / bins) (0 for an empty RoI: no samples, output 0).
-      g = jnp.minimum(jnp.ceil(bin_size), cap)
-      gs = jnp.maximum(g, 1.0)[:, None, None]
-      p = jnp.arange(pooled, dtype=jnp.float32)[None, :, None]
-      i = jnp.arange(cap, dtype=jnp.float32)[None, None, :] + 0.5
-      step, gs = jax.lax.optimization_barrier((i * bin_size[:, None, None], gs))
-      pos = (start[:, None, None] + p * bin_size[:, None, None]) + step / gs
-      used = (jnp.arange(cap)[None, None, :] < g[:, None, None])
-      size = jnp.asarray(size)
-      size_b = (size[:, None, None] if size.ndim else size)
-      inside = (pos >= -1.0) & (pos <= size_b.astype(jnp.float32)) & jnp.isfinite(pos) & used
-      pos = jnp.where(inside, jnp.maximum(pos, 0.0), 0.0)
-      low = jnp.floor(pos).astype(jnp.int32)
-      edge = low >= size_b - 1
-      low = jnp.where(edge, size_b - 1, low)
-      pos = jnp.where(edge, low.astype(jnp.float32), pos)
-      high = jnp.where(edge, low, low + 1)
-      frac = pos - low.astype(jnp.float32)
-      return low, high, jnp.where(inside, 1 - frac, 0.0), jnp.where(inside, frac, 0.0), g
-
-    yl, yh, wyl, wyh, gy = axis(boxes[:, 1], boxes[:, 3], heights, oh)
-    xl, xh, wxl, wxh, gx = axis(boxes[:, 0], boxes[:, 2], widths, ow)
-    n = boxes.shape[0]
-    w_ = jnp.asarray(widths)
-    row_stride = w_.reshape((-1,) + (1,) * 6) if w_.ndim else w_
-    o_ = jnp.asarray(offsets)
-    base = o_.reshape((-1,) + (1,) * 6) if o_.ndim else o_
-    rows = jnp.stack([yl, yh], -1)[:, :, None, :, None, :, None]
-    cols = jnp.stack([xl, xh], -1)[:, None, :, None, :, None, :]
-    wy = jnp.stack([wyl, wyh], -1)[:, :, None, :, None, :, None]
-    wx = jnp.stack([wxl, wxh], -1)[:, None, :, None, :, None, :]
-    inv = (1.0 / jnp.maximum(gy * gx, 1.0)).reshape((-1,) + (1,) * 6)
-    idx = (base + rows * row_stride + cols).reshape(n, oh, ow, 4 * cap * cap)
-    wts = (wy * wx * inv).reshape(n, oh, ow, 4 * cap * cap)
-    return idx, wts
-
-  return original, taps
 
 
 # ------------------------------------------------------------------------------ levels
@@ -382,7 +325,7 @@ def model_level(report, d2_model, name, variables, img, summary, cache, capped=(
     tied = len(sig) - len(np.unique(sig)) - (len(logits) - len(np.unique(logits)))
     report(f'    RPN ranking: objectness logits {logits.min():.1f}..{logits.max():.1f}; '
            f'{tied} of detectron2\'s proposals tie with another in float32 sigmoid (not in '
-           f'logit){" (our RPN ranks by sigmoid: see the notes at the end)" if tied else ""}')
+           f'logit; ranked by logit on both sides)')
     gy, gx = grid_sizes(ref_p, 7)
     gmy, gmx = grid_sizes(dets[0].pred_boxes.tensor.numpy(), 14)
     g, gm = np.maximum(gy, gx), np.maximum(gmy, gmx)
@@ -418,43 +361,44 @@ def model_level(report, d2_model, name, variables, img, summary, cache, capped=(
            f'{np.mean(paste_only):.6f}, min {np.min(paste_only):.6f}, pixels differing {pix:.1e}')
     row.update(score=ds.max(), box=db.max(), mask=np.mean(full), paste=np.min(paste_only))
   for cap in capped:
-    original, taps = capped_adaptive_bin_taps(cap)
-    roi_ops._bin_taps = taps  # pylint: disable=protected-access
-    try:
-      # A ratio no other call uses: the jitted RoIAlign is traced afresh, with the patch.
-      config_c = config.copy_and_resolve_references()
-      config_c.model.roi.sampling_ratio = cap
-      model_c = mask_rcnn.build_model(config_c)
-      out_c = jax.device_get(jax.jit(lambda v, x, s, m=model_c: _run_steps(m, v, x, s))(
-          variables, x, size))[3]
-      pool_times = _time_pooling(feats_ours, props_ours[0], det['boxes'][0], cap)
-    finally:
-      roi_ops._bin_taps = original  # pylint: disable=protected-access
+    # The package's adaptive ratio (model.roi.sampling_ratio = 0) capped at `cap`.
+    config_c = our_config(name, padded, ratio=0, cap=cap)
+    model_c = mask_rcnn.build_model(config_c)
+    out_c = jax.device_get(jax.jit(lambda v, x, s, m=model_c: _run_steps(m, v, x, s))(
+        variables, x, size))[3]
+    pool_times = _time_pooling(feats_ours, props_ours[0], det['boxes'][0], 0, cap)
     if 'pool_ratio2' not in cache:
       cache['pool_ratio2'] = _time_pooling(feats_ours, props_ours[0], det['boxes'][0], 2)
     base = cache['pool_ratio2']
     vc = out_c['valid'][0]
     pc = tvp.match(ref_b, ref_l, out_c['boxes'][0][vc], out_c['labels'][0][vc])
-    report(f'    prototype: our RoIAlign with the adaptive grid capped at {cap} ({4 * cap * cap} '
-           f'taps a bin; RoIAlign of the 1000 proposals at 7x7 {1e3 * pool_times[0]:.0f} ms vs '
+    report(f'    ours at sampling_ratio 0, max_sampling_ratio {cap} ({4 * cap * cap} taps a bin; '
+           f'RoIAlign of the 1000 proposals at 7x7 {1e3 * pool_times[0]:.0f} ms vs '
            f'{1e3 * base[0]:.0f} ms at ratio 2, of the detections at 14x14 '
            f'{1e3 * pool_times[1]:.0f} ms vs {1e3 * base[1]:.0f} ms, best of 5 on this CPU):')
     rc = _stats(report, ref_s, ref_b, out_c['scores'][0][vc], out_c['boxes'][0][vc], pc,
                 len(ref_b), indent='      ')
     if rc is not None:
+      i, j, _, _ = rc
+      ours_full = np.asarray(mask_ops.paste_and_threshold(
+          out_c['masks'][0][vc], out_c['boxes'][0][vc], hw[0], hw[1], 0.5, 'detectron2'))
+      ref_full = _paste_d2(ref_m, ref_b, hw)
+      full = [tvp.mask_iou(ref_full[a], ours_full[b]) for a, b in pc]
+      report(f'      full-resolution mask IoU mean {np.mean(full):.4f}, min {np.min(full):.4f}')
       row[f'capped{cap}'] = (len(pc) / max(len(ref_b), 1), rc[2].max(), rc[3].max(),
-                             pool_times[0], base[0])
+                             pool_times[0], base[0], np.mean(full))
   return row
 
 
-def _time_pooling(feats, proposals, detections, ratio: int, repeats: int = 5):
+def _time_pooling(feats, proposals, detections, ratio: int, cap: int = 4, repeats: int = 5):
   """Best-of-`repeats` seconds of the multilevel RoIAlign (P2..P5) of the box head (7x7) on
   `proposals` and of the mask head (14x14) on `detections`, one image."""
   levels = [jnp.asarray(f[0]) for f in feats[:4]]
   out = []
   for boxes, size in ((proposals, 7), (detections, 14)):
     fn = jax.jit(lambda f, b, size=size: roi_ops.multilevel_roi_align(
-        f, b, output_size=size, sampling_ratio=ratio, aligned=True, canonical_scale=224.0))
+        f, b, output_size=size, sampling_ratio=ratio, aligned=True, canonical_scale=224.0,
+        max_sampling_ratio=cap))
     b = jnp.asarray(boxes)
     jax.block_until_ready(fn(levels, b))
     best = np.inf
@@ -473,25 +417,34 @@ def _hist(g: np.ndarray) -> str:
           else 'none')
 
 
-def pipeline_level(report, d2_pred, name, variables, img, cache):
-  """DefaultPredictor on the BGR uint8 image vs our Predictor on the RGB one (ours computed
-  once per image, in `cache`)."""
+def pipeline_level(report, d2_pred, name, variables, img, cache, ratio: int):
+  """DefaultPredictor on the BGR uint8 image vs our Predictor on the RGB one, with the preset's
+  `input.resize='detectron2'` and our sampling ratio `ratio` (0: the preset's capped adaptive
+  grid). Where detectron2 resizes the image, also ours with torchvision's resize: what that
+  deviation would move."""
   with torch.no_grad():
     ref = d2_pred(np.ascontiguousarray(img[:, :, ::-1]))['instances']
   resized = d2_resize(img)
-  ours_hw = transforms.resize_shape(img.shape[0], img.shape[1], 800, 1333)
-  if 'pipeline' not in cache:
-    padded = [int(np.ceil(s / 32) * 32) for s in ours_hw]
-    cache['pipeline'] = predictor_lib.Predictor(our_config(name, padded), variables)(img)
-  out = cache['pipeline']
   ref_b, ref_s = ref.pred_boxes.tensor.numpy(), ref.scores.numpy()
   ref_l, ref_m = ref.pred_classes.numpy() + 1, ref.pred_masks.numpy()
+
+  def ours(resize: str):
+    key = ('pipeline', ratio, resize)
+    if key not in cache:
+      hw = transforms.resize_shape(img.shape[0], img.shape[1], 800, 1333, resize)
+      c = our_config(name, [int(np.ceil(v / 32) * 32) for v in hw], ratio=ratio)
+      c.input.resize = resize
+      cache[key] = hw, predictor_lib.Predictor(c, variables)(img)
+    return cache[key]
+
+  ours_hw, out = ours('detectron2')
   boxes, scores, labels, masks = (np.asarray(out[k]) for k in ('boxes', 'scores', 'labels',
                                                                'masks'))
   pairs = tvp.match(ref_b, ref_l, boxes, labels)
   report(f'  pipeline level (DefaultPredictor vs Predictor on the uint8 image, original frame '
          f'{img.shape[0]}x{img.shape[1]}; resized {resized.shape[0]}x{resized.shape[1]} by '
-         f'detectron2, {ours_hw[0]}x{ours_hw[1]} by us):')
+         f'detectron2, {ours_hw[0]}x{ours_hw[1]} by us with input.resize=detectron2; our ratio '
+         f'{ratio}{" capped at 4" if ratio == 0 else ""}):')
   res = _stats(report, ref_s, ref_b, scores, boxes, pairs, len(ref_b))
   row = dict(n=len(ref_b), matched=len(pairs) / max(len(ref_b), 1))
   if res is not None:
@@ -499,53 +452,28 @@ def pipeline_level(report, d2_pred, name, variables, img, cache):
     ious = [tvp.mask_iou(ref_m[a], masks[b]) for a, b in pairs]
     report(f'    full-resolution mask IoU mean {np.mean(ious):.4f}, min {np.min(ious):.4f}')
     row.update(score=ds.max(), box=db.max(), mask=np.mean(ious))
-  if tuple(resized.shape[:2]) != tuple(img.shape[:2]):
-    # What the resize deviation is: the two resized images, and how far it moves the boxes.
-    ours_px = transforms.resize_image(img, *resized.shape[:2])  # our interpolation, d2's size
-    dpx = np.abs(ours_px - resized.astype(np.float32))
-    report(f'    input: our bilinear resize to detectron2\'s {resized.shape[0]}x'
-           f'{resized.shape[1]} differs from its PIL uint8 resize by mean {dpx.mean():.2f}, max '
-           f'{dpx.max():.1f} grey levels')
-    if tuple(ours_hw) != resized.shape[:2]:
-      # Each pipeline maps its boxes back with its own ratio, so the rounding moves a point of
-      # the original image by nothing; in the resized frames the content differs by the size
-      # difference at the far edge, which is what the network sees.
-      d = max(abs(a - b) for a, b in zip(ours_hw, resized.shape[:2]))
-      far = d * max(img.shape[0] / resized.shape[0], img.shape[1] / resized.shape[1])
-      report(f'    resize rounding: {ours_hw[0]}x{ours_hw[1]} ours vs {resized.shape[0]}x'
-             f'{resized.shape[1]}: content moves by up to {d} px in the resized frame (at the far '
-             f'edge), {far:.2f} px of the original image; none in the original frame for a '
-             'detector that follows the content')
-    anyl = tvp.match(ref_b, np.zeros_like(ref_l), boxes, np.zeros_like(labels), iou_thresh=0.5)
+  if tuple(resized.shape[:2]) != tuple(img.shape[:2]) and ratio == 2:
+    # The deviation input.resize='detectron2' removes: torchvision's float, floored resize.
+    tv_px = transforms.resize_image(img, *resized.shape[:2])
+    dpx = np.abs(tv_px - resized.astype(np.float32))
+    tv_hw, o = ours('torchvision')
+    report(f'    with input.resize=torchvision instead ({tv_hw[0]}x{tv_hw[1]}; at detectron2\'s '
+           f'size its pixels differ from PIL\'s uint8 resize by mean {dpx.mean():.2f}, max '
+           f'{dpx.max():.1f} grey levels):')
+    p2 = tvp.match(ref_b, ref_l, o['boxes'], o['labels'])
+    _stats(report, ref_s, ref_b, o['scores'], o['boxes'], p2, len(ref_b), indent='      ')
+    anyl = tvp.match(ref_b, np.zeros_like(ref_l), o['boxes'], np.zeros_like(o['labels']),
+                     iou_thresh=0.5)
     if anyl:
       a, b = map(np.array, zip(*anyl))
-      iou = np.array([tvp.iou_matrix(ref_b[u], boxes[v])[0, 0] for u, v in anyl])
-      db = np.abs(ref_b[a] - boxes[b]).max(1)
-      report(f'    boxes moved by the resize (any label, greedy IoU >= 0.5): '
+      iou = np.array([tvp.iou_matrix(ref_b[u], o['boxes'][v])[0, 0] for u, v in anyl])
+      dbox = np.abs(ref_b[a] - o['boxes'][b]).max(1)
+      report(f'      boxes it moves (any label, greedy IoU >= 0.5): '
              f'{100 * len(anyl) / max(len(ref_b), 1):.0f}% paired; their IoU median '
-             f'{np.median(iou):.3f}, |box diff| median {np.median(db):.2f} px, p90 '
-             f'{np.percentile(db, 90):.2f} px; same label '
-             f'{100 * np.mean(ref_l[a] == labels[b]):.0f}%')
-    # Our pipeline fed detectron2's resized pixels (which our resize leaves unchanged), boxes and
-    # masks mapped to the original frame by our Predictor's own code: all but the resize.
-    key = 'pipeline_d2_pixels'
-    if key not in cache:
-      padded = [int(np.ceil(v / 32) * 32) for v in resized.shape[:2]]
-      pred = predictor_lib.Predictor(our_config(name, padded), variables)
-      x, rhw, _ = pred.preprocess(resized)
-      assert tuple(rhw) == resized.shape[:2]
-      det = pred.detect(x[None], np.array([rhw], np.int32))
-      cache[key] = pred._finish(det, 0, img.shape[:2], rhw)  # pylint: disable=protected-access
-    o = cache[key]
-    p2 = tvp.match(ref_b, ref_l, o['boxes'], o['labels'])
-    report('    ours on detectron2\'s resized pixels, mapped to the original frame by our '
-           'Predictor:')
-    r2 = _stats(report, ref_s, ref_b, o['scores'], o['boxes'], p2, len(ref_b), indent='      ')
-    if r2 is not None:
-      ious = [tvp.mask_iou(ref_m[a], o['masks'][b]) for a, b in p2]
-      report(f'      full-resolution mask IoU mean {np.mean(ious):.4f}, min {np.min(ious):.4f}')
-      row.update(d2px_matched=len(p2) / max(len(ref_b), 1), d2px_score=r2[2].max(),
-                 d2px_mask=np.mean(ious))
+             f'{np.median(iou):.3f}, |box diff| median {np.median(dbox):.2f} px, p90 '
+             f'{np.percentile(dbox, 90):.2f} px; same label '
+             f'{100 * np.mean(ref_l[a] == o["labels"][b]):.0f}%')
+    row.update(tv_matched=len(p2) / max(len(ref_b), 1))
   return row
 
 
@@ -565,20 +493,23 @@ def run_model(report, name, images, args):
     cache = {}
     for ratio in (2, 0):
       set_sampling_ratio(d2_model, ratio)
-      report(f' detectron2 POOLER_SAMPLING_RATIO={ratio} (ours: 2)')
+      report(f' detectron2 POOLER_SAMPLING_RATIO={ratio} (model level: ours 2'
+             f'{", and 0 capped at " + "/".join(map(str, args.capped)) if ratio == 0 else ""}; '
+             f'pipeline level: ours {ratio})')
       summary = {} if ratio == 2 else None
       m = model_level(report, d2_model, name, variables, img, summary, cache,
                       capped=args.capped if ratio == 0 else ())
-      p = pipeline_level(report, d2_pred, name, variables, img, cache) if args.pipeline else {}
+      p = (pipeline_level(report, d2_pred, name, variables, img, cache, ratio)
+           if args.pipeline else {})
       table.append((title.split(' (')[0], ratio, summary, m, p))
   set_sampling_ratio(d2_model, 2)
   return table
 
 
 def write_table(report, name, table):
-  report(f'\nsummary {name}: image | d2 ratio | features rel | proposals | model: matched, max '
-         'score diff, max box diff, mask IoU full-res | pipeline: matched, max score diff, mask '
-         'IoU (and on detectron2\'s resized pixels)')
+  report(f'\nsummary {name}: image | d2 ratio | features rel | proposals | model (ours at ratio '
+         '2): matched, max score diff, max box diff, mask IoU full-res | pipeline (ours at the d2 '
+         'ratio, input.resize=detectron2): matched, max score diff, mask IoU')
   for title, ratio, summary, m, p in table:
     f = (f'{summary["feature_rel"]:.1e} | {100 * summary["proposals"]:.1f}% ({summary["tied"]} '
          'sigmoid ties)' if summary else '  | ')
@@ -586,15 +517,15 @@ def write_table(report, name, table):
           f'{m.get("box", np.nan):.1e} px, {m.get("mask", np.nan):.4f}')
     pp = (f'{100 * p["matched"]:.1f}% of {p["n"]}, {p.get("score", np.nan):.1e}, '
           f'{p.get("mask", np.nan):.4f}' if p else '-')
-    if 'd2px_matched' in p:
-      pp += (f' (on detectron2\'s resized pixels: {100 * p["d2px_matched"]:.1f}%, '
-             f'{p["d2px_score"]:.1e}, {p["d2px_mask"]:.4f})')
+    if 'tv_matched' in p:
+      pp += f' (with torchvision\'s resize: {100 * p["tv_matched"]:.1f}% matched)'
+
     report(f'  {title} | {ratio} | {f} | {mm} | {pp}')
     for k in sorted(k for k in m if k.startswith('capped')):
-      matched, score, box, sec, base = m[k]
-      report(f'    prototype cap {k[6:]}: {100 * matched:.1f}% matched, max score diff '
-             f'{score:.1e}, max box diff {box:.1e} px; box RoIAlign {1e3 * sec:.0f} ms vs '
-             f'{1e3 * base:.0f} ms at ratio 2')
+      matched, score, box, sec, base, miou = m[k]
+      report(f'    ours at ratio 0 capped at {k[6:]}: {100 * matched:.1f}% matched, max score diff '
+             f'{score:.1e}, max box diff {box:.1e} px, mask IoU {miou:.4f}; box RoIAlign '
+             f'{1e3 * sec:.0f} ms vs {1e3 * base:.0f} ms at ratio 2')
 
 
 def main(argv=None) -> int:
@@ -603,8 +534,9 @@ def main(argv=None) -> int:
   parser.add_argument('--model', default='both', choices=('r50', 'r101', 'both'))
   parser.add_argument('--max_images', type=int, default=5)
   parser.add_argument('--no_pipeline', dest='pipeline', action='store_false')
-  parser.add_argument('--capped', default='3,4,8',
-                      help='caps of the adaptive-grid prototype to run against ratio 0 ("": none)')
+  parser.add_argument('--capped', default='4,8',
+                      help='max_sampling_ratio values of our adaptive ratio 0 to run against '
+                           'detectron2 ratio 0 ("": none)')
   args = parser.parse_args(argv)
   args.capped = tuple(int(c) for c in args.capped.split(',') if c)
   torch.set_num_threads(2)

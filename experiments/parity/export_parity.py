@@ -1,6 +1,6 @@
 """Parity of the exported R50-FPN detector (`maskrcnn_jax.export` + `serving`) with the Predictor.
 
-    flock /tmp/heavy.lock /work/tvenv/bin/python experiments/parity/export_parity.py \
+    python experiments/parity/export_parity.py \
         [--out experiments/parity/export_parity.txt] [--platforms cpu,cuda,tpu]
 
 Needs torch + torchvision (for the weights only) + jax + this package in one environment. The

@@ -3,8 +3,10 @@
 A record is one image with its annotations in the ORIGINAL image frame:
 
     image_id       int
-    file_name      str      absolute path of the image file
+    file_name      str      absolute path of the image file (a TFDS record: the stored name)
     (image         uint8 [H, W, 3]  optional: already decoded pixels, used instead of the file)
+    (image_reader  optional: a picklable callable returning the pixels, used instead of the file
+                   (TFDS records, `tfds_builder.TfdsImage`); `record_image` reads any of the three)
     height, width  int      as declared in the JSON (checked again when the image is decoded)
     boxes          float32 [N, 4]  xyxy, original-image pixels, clipped to the image
     labels         int32   [N]     contiguous labels 1..K (0 is background)
@@ -16,9 +18,10 @@ A record is one image with its annotations in the ORIGINAL image frame:
     has_mask       bool    [N]     the annotation has a segmentation
     (only with `load_coco(with_keypoints=True)`:)
     keypoints      float32 [N, K, 3]  (x, y, v) per keypoint of the annotation's category, in
-                   ORIGINAL image pixels exactly as the file gives them (no +0.5 shift:
-                   torchvision's convention); K = the largest set of the label map, zeros past
-                   the category's own K_c and for categories without a set
+                   ORIGINAL image pixels as the file gives them plus `keypoint_offset` on the
+                   labelled ones (0 by default, torchvision's convention; detectron2 adds 0.5);
+                   K = the largest set of the label map, zeros past the category's own K_c and
+                   for categories without a set
     num_keypoints  int32   [N]     labelled keypoints (v > 0), COCO's `num_keypoints`
 
 Keypoint sets are per category (`categories[i]['keypoints']`, names, and `skeleton`, 1-based
@@ -33,6 +36,7 @@ or annotation, or an annotation/image skipped, or a field normalised, and counte
 import collections
 import concurrent.futures
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -272,9 +276,9 @@ class CocoDataset:
     if self.json_signature is not None and _file_signature(self.json_path) != self.json_signature:
       raise CocoFormatError(f'{self.json_path}: changed since it was loaded; load it again '
                             'before evaluating against it')
-    data = _read_json(self.json_path)
-    sizes = _keypoint_sizes(data, self.json_path) if self.with_keypoints else None
-    _, anns = _normalise_annotations(data, self.json_path, lambda reason, what: None, sizes)
+    data = read_instances_json(self.json_path)
+    sizes = category_keypoint_sizes(data, self.json_path) if self.with_keypoints else None
+    _, anns = normalise_annotations(data, self.json_path, lambda reason, what: None, sizes)
     gt = dict(data)
     gt['annotations'] = [a.to_gt() for a in anns]
     return gt
@@ -296,7 +300,12 @@ def _file_signature(path: str) -> Optional[tuple[int, int]]:
   return st.st_size, st.st_mtime_ns
 
 
-def _read_json(json_path: str) -> dict[str, Any]:
+def read_instances_json(json_path: str) -> dict[str, Any]:
+  """The parsed COCO instances file, checked for the lists and keys every reader needs.
+
+  Raises:
+    CocoFormatError: missing, not JSON, or not COCO instances; the message names the file.
+  """
   try:
     with open(json_path) as f:
       data = json.load(f)
@@ -424,7 +433,7 @@ def _clean_segmentation(segm, height: int, width: int, note):
 
 @dataclasses.dataclass(slots=True)
 class _Annotation:
-  """One annotation after `_normalise_annotations` (its raw dict plus the normalised fields)."""
+  """One annotation after `normalise_annotations` (its raw dict plus the normalised fields)."""
   raw: dict[str, Any]
   what: Any  # how messages name it: the file's id, or 'annotations[i]' where it has none
   id: int
@@ -454,7 +463,7 @@ class _Annotation:
     return gt
 
 
-def _keypoint_sizes(data: dict[str, Any], json_path: str) -> dict[int, int]:
+def category_keypoint_sizes(data: dict[str, Any], json_path: str) -> dict[int, int]:
   """{category id: K_c} of every category of the file (0 without a keypoint set)."""
   sets = category_keypoint_sets(data['categories'], json_path)
   return {_integer(c['id']): len(sets.get(_integer(c['id']), ((), ()))[0])
@@ -488,13 +497,13 @@ def _clean_keypoints(raw, size: int, note) -> list[float]:
   return [float(v) for v in raw]
 
 
-def _normalise_annotations(data: dict[str, Any], json_path: str, skip,
-                           keypoint_sizes: Optional[dict[int, int]] = None
-                           ) -> tuple[dict[int, dict[str, Any]], list[_Annotation]]:
+def normalise_annotations(data: dict[str, Any], json_path: str, skip,
+                          keypoint_sizes: Optional[dict[int, int]] = None
+                          ) -> tuple[dict[int, dict[str, Any]], list[_Annotation]]:
   """The file's images by id, and its annotations that pycocotools can evaluate, normalised.
 
-  Shared by load_coco and CocoDataset.gt_dict(), and deterministic, so both give every
-  annotation the same id. `skip(reason, what)` is told of every change and drop:
+  Shared by load_coco, CocoDataset.gt_dict() and the TFDS builder, and deterministic, so all
+  give every annotation the same id. `skip(reason, what)` is told of every change and drop:
 
   * id: the first annotation of an id keeps it; later ones with that id
     ('annotation_id_duplicate_renumbered') and ones without an integer id
@@ -566,10 +575,11 @@ def _normalise_annotations(data: dict[str, Any], json_path: str, skip,
 
 def load_coco(json_path: str, image_dir: str, *, label_map: Optional[LabelMap] = None,
               max_instances: Optional[int] = None, check_files: bool = True,
-              require_masks: bool = True, with_keypoints: bool = False) -> CocoDataset:
+              require_masks: bool = True, with_keypoints: bool = False,
+              keypoint_offset: float = 0.0) -> CocoDataset:
   """Reads a COCO instances JSON into records (see the module docstring).
 
-  Annotation fields are normalised as `_normalise_annotations` says (unique ids, iscrowd, area;
+  Annotation fields are normalised as `normalise_annotations` says (unique ids, iscrowd, area;
   counted in `stats`); evaluate against `CocoDataset.gt_dict()`, which carries the same fixes.
 
   Args:
@@ -588,19 +598,23 @@ def load_coco(json_path: str, image_dir: str, *, label_map: Optional[LabelMap] =
       (`keypoints`, `num_keypoints`); unusable keypoints become zeros, counted in `stats`
       ('keypoints_bad_length_dropped', '..._nonfinite_...', '..._bad_visibility_...',
       'keypoints_without_category_set_dropped'), with annotation ids in the log.
+    keypoint_offset: added to x and y of every labelled (v > 0) keypoint of the records
+      (`config.data.keypoint_offset`; detectron2's 0.5 turns COCO's integer pixel indices into
+      pixel centres). `gt_dict()` keeps the file's values: evaluation subtracts the offset from
+      the predictions instead (`evaluation.coco_eval.detections_to_coco_results`).
   Raises:
     CocoFormatError: the file is not JSON or not COCO instances, or masks are required and some
       annotations are box-only (the message gives their count and the way to train boxes only),
       or a category's keypoint set is malformed or differs from the one `label_map` carries.
   """
-  data = _read_json(json_path)
+  data = read_instances_json(json_path)
   signature = _file_signature(json_path)
   if label_map is None:
     label_map = LabelMap.from_categories(data['categories'])
   keypoint_sizes = None
   if with_keypoints:
-    keypoint_sizes = _keypoint_sizes(data, json_path)
-    label_map = _with_file_keypoint_sets(label_map, data, json_path)
+    keypoint_sizes = category_keypoint_sizes(data, json_path)
+    label_map = with_file_keypoint_sets(label_map, data, json_path)
   label_of = label_map.label_of()
   counts = collections.Counter()
   examples = collections.defaultdict(list)
@@ -610,7 +624,7 @@ def load_coco(json_path: str, image_dir: str, *, label_map: Optional[LabelMap] =
     if len(examples[reason]) < MAX_LOGGED_EXAMPLES:
       examples[reason].append(what)
 
-  images, anns = _normalise_annotations(data, json_path, skip, keypoint_sizes)
+  images, anns = normalise_annotations(data, json_path, skip, keypoint_sizes)
   per_image = collections.defaultdict(list)
   box_only = []
   for a in anns:
@@ -674,6 +688,9 @@ def load_coco(json_path: str, image_dir: str, *, label_map: Optional[LabelMap] =
       keypoints = np.zeros((len(anns_of), max_keypoints, 3), np.float32)
       for k, a in enumerate(anns_of):
         keypoints[k, :len(a[6]) // 3] = np.reshape(a[6], (-1, 3))
+      if keypoint_offset:
+        labelled = keypoints[..., 2] > 0
+        keypoints[..., :2] += np.where(labelled, np.float32(keypoint_offset), 0)[..., None]
       records[-1]['keypoints'] = keypoints
       records[-1]['num_keypoints'] = (keypoints[..., 2] > 0).sum(-1).astype(np.int32)
   records.sort(key=lambda r: r['image_id'])
@@ -686,8 +703,8 @@ def load_coco(json_path: str, image_dir: str, *, label_map: Optional[LabelMap] =
                      with_keypoints)
 
 
-def _with_file_keypoint_sets(label_map: LabelMap, data: dict[str, Any], json_path: str
-                             ) -> LabelMap:
+def with_file_keypoint_sets(label_map: LabelMap, data: dict[str, Any], json_path: str
+                            ) -> LabelMap:
   """`label_map` with the keypoint sets of the file's categories; a map that already carries
   sets (a checkpoint's) must agree with the file on every label's names."""
   sets = category_keypoint_sets(data['categories'], json_path)
@@ -767,8 +784,20 @@ def load_image(path: str, expected_hw: Optional[tuple[int, int]] = None) -> np.n
       `expected_hw` (the JSON's height/width); the message names the file, and says when the
       JSON's size is that of the raw pixels before the EXIF orientation.
   """
+  return _decode_image(path, path, expected_hw)
+
+
+def decode_image_bytes(data: bytes, name: str, expected_hw: Optional[tuple[int, int]] = None
+                       ) -> np.ndarray:
+  """`load_image` of an encoded file's bytes (e.g. stored in a TFDS record); `name` says in
+  errors where the bytes came from. The same decoder as for files, so the pixels are equal."""
+  return _decode_image(io.BytesIO(data), name, expected_hw)
+
+
+def _decode_image(source, path: str, expected_hw: Optional[tuple[int, int]]) -> np.ndarray:
+  """load_image's body: `source` is a path or a binary file object, `path` names it."""
   try:
-    with Image.open(path) as im:
+    with Image.open(source) as im:
       im.load()
       raw_hw = (im.height, im.width)
       orientation = _exif_orientation(im)
@@ -791,10 +820,18 @@ def load_image(path: str, expected_hw: Optional[tuple[int, int]] = None) -> np.n
 
 
 def record_image(record: dict[str, Any]) -> np.ndarray:
-  """The record's pixels: its decoded 'image' when present, else the file decoded."""
+  """The record's pixels: its decoded 'image' when present, else its 'image_reader' called (a
+  TFDS record's lazy reader, `tfds_builder.TfdsImage`), else the file decoded.
+
+  Raises:
+    ImageDecodeError: naming the file (or the stored record) that cannot be used.
+  """
   image = record.get('image')
   if image is not None:
     return np.asarray(image, np.uint8)
+  reader = record.get('image_reader')
+  if reader is not None:
+    return reader()
   return load_image(record['file_name'], (record['height'], record['width']))
 
 
@@ -806,7 +843,7 @@ def verify_images(records: Sequence[dict[str, Any]], num_threads: Optional[int] 
   """
   def check(r) -> Optional[str]:
     try:
-      load_image(r['file_name'], (r['height'], r['width']))
+      record_image(r)
     except ImageDecodeError as e:
       return str(e)
     return None

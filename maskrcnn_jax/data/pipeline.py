@@ -259,16 +259,69 @@ def check_keypoints_in_boxes(records: Sequence[dict[str, Any]]) -> float:
 def load_dataset_records(config: ml_collections.ConfigDict, split: str, *,
                          label_map: Optional[coco.LabelMap] = None) -> coco.CocoDataset:
   """Records of a split ('train' | 'val') of `config.data.source` ('shapes' |
-  'shapes_keypoints' | 'coco').
+  'shapes_keypoints' | 'coco' | 'tfds').
 
   'shapes' and 'shapes_keypoints' generate their synthetic dataset at config.data.root if it is
   not there yet (config.data.shapes_num_train/num_val/size). 'coco' reads
-  config.data.{train,val}_json and {train,val}_images. Training records are capped at
+  config.data.{train,val}_json and {train,val}_images. 'tfds' reads the split
+  config.data.tfds_{train,val}_split of the built dataset config.data.tfds_name in
+  config.data.tfds_data_dir (`tfds_builder.load_tfds`: the same records, images decoded only
+  when loaded, ground truth rebuilt from the records). Training records are capped at
   input.max_instances per image. Box-only annotations are accepted only when model.mask_on is
   False (coco.load_coco require_masks); keypoints are read with model.keypoint_on.
   """
   if split not in ('train', 'val'):
     raise ValueError(f"split {split!r}: expected 'train' or 'val'")
+  d = config.data
+  max_instances = config.input.max_instances if split == 'train' else None
+  if label_map is None and d.get('label_space', 'contiguous') == 'category_id':
+    # torchvision's COCO models use the raw category id as the label (91 classes).
+    label_map = coco.LabelMap(tuple(range(1, config.model.num_classes)),
+                              tuple(f'category_{i}' for i in range(1, config.model.num_classes)))
+  if d.source == 'tfds':
+    ds = _load_tfds_records(config, split, label_map, max_instances)
+    where = f'TFDS dataset {d.tfds_name!r}'
+  else:
+    json_path, image_dir = _json_and_images(config, split)
+    ds = coco.load_coco(json_path, image_dir, label_map=label_map, max_instances=max_instances,
+                        require_masks=bool(config.model.mask_on),
+                        with_keypoints=keypoints_on(config),
+                        keypoint_offset=float(d.get('keypoint_offset', 0.0)))
+    where = json_path
+  if ds.label_map.num_classes > config.model.num_classes:
+    raise ValueError(f'{where} has {len(ds.label_map.category_ids)} categories but '
+                     f'config.model.num_classes = {config.model.num_classes} (needs K + 1 = '
+                     f'{ds.label_map.num_classes})')
+  return ds
+
+
+def _load_tfds_records(config: ml_collections.ConfigDict, split: str,
+                       label_map: Optional[coco.LabelMap], max_instances: Optional[int]
+                       ) -> coco.CocoDataset:
+  """data.source='tfds': `tfds_builder.load_tfds` of the configured dataset and split; a
+  missing dataset or split is one error naming the config fields."""
+  d = config.data
+  split_field = f'tfds_{split}_split'
+  try:
+    # Imported here: tensorflow-datasets is needed only by this source.
+    from maskrcnn_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("config.data.source='tfds' needs tensorflow-datasets and array-record: "
+                      "pip install -e '.[tfds]'") from e
+  try:
+    return tfds_builder.load_tfds(d.tfds_name, d[split_field], d.tfds_data_dir or None,
+                                  label_map=label_map, max_instances=max_instances,
+                                  require_masks=bool(config.model.mask_on),
+                                  with_keypoints=keypoints_on(config),
+                                  keypoint_offset=float(d.get('keypoint_offset', 0.0)))
+  except tfds_builder.TfdsNotFoundError as e:
+    raise tfds_builder.TfdsNotFoundError(
+        f'config.data.tfds_name = {d.tfds_name!r}, config.data.{split_field} = '
+        f'{d[split_field]!r}, config.data.tfds_data_dir = {d.tfds_data_dir!r}: {e}') from None
+
+
+def _json_and_images(config: ml_collections.ConfigDict, split: str) -> tuple[str, str]:
+  """The instances JSON and image folder of a JSON-backed source's split."""
   d = config.data
   if d.source == 'shapes':
     root = shapes.ensure_shapes_dataset(d.root, d.shapes_num_train, d.shapes_num_val,
@@ -285,20 +338,8 @@ def load_dataset_records(config: ml_collections.ConfigDict, split: str, *,
                        "config.data.source='coco'")
   else:
     raise ValueError(f"config.data.source={d.source!r}: this reader handles 'shapes', "
-                     "'shapes_keypoints' and 'coco'")
-  max_instances = config.input.max_instances if split == 'train' else None
-  if label_map is None and d.get('label_space', 'contiguous') == 'category_id':
-    # torchvision's COCO models use the raw category id as the label (91 classes).
-    label_map = coco.LabelMap(tuple(range(1, config.model.num_classes)),
-                              tuple(f'category_{i}' for i in range(1, config.model.num_classes)))
-  ds = coco.load_coco(json_path, image_dir, label_map=label_map, max_instances=max_instances,
-                      require_masks=bool(config.model.mask_on),
-                      with_keypoints=keypoints_on(config))
-  if ds.label_map.num_classes > config.model.num_classes:
-    raise ValueError(f'{json_path} has {len(ds.label_map.category_ids)} categories but '
-                     f'config.model.num_classes = {config.model.num_classes} (needs K + 1 = '
-                     f'{ds.label_map.num_classes})')
-  return ds
+                     "'shapes_keypoints', 'coco' and 'tfds'")
+  return json_path, image_dir
 
 
 def _has_training_instance(record: dict[str, Any]) -> bool:
@@ -319,6 +360,7 @@ class _InputSpec:
   num_keypoints: int = 0  # K_max of gt_keypoints; 0: keypoints off
   # Per label (index 0 background), the flip map padded with identity to num_keypoints.
   keypoint_flip: tuple[tuple[int, ...], ...] = ()
+  resize: str = 'torchvision'  # input.resize: whose resize (transforms.RESIZES)
 
   @classmethod
   def from_config(cls, config, label_map: Optional[coco.LabelMap] = None):
@@ -336,14 +378,16 @@ class _InputSpec:
       flips = tuple(tuple(m) + tuple(range(len(m), num_keypoints)) for m in maps)
     return cls(int(i.max_size), str(i.channel_order), tuple(map(float, i.pixel_mean)),
                tuple(map(float, i.pixel_std)), tuple(tuple(map(int, b)) for b in i.buckets),
-               int(i.max_instances), int(i.gt_mask_size), num_keypoints, flips)
+               int(i.max_instances), int(i.gt_mask_size), num_keypoints, flips,
+               resize=str(i.get('resize', 'torchvision')))
 
 
 def preprocess_image(image: np.ndarray, min_size: int, flip: bool, spec: _InputSpec):
   """uint8 [h, w, 3] -> (float32 [Hb, Wb, 3] normalised padded image, (new_h, new_w)), by
   `transforms.prepare_image`, the Predictor's path too."""
   x, new_hw, _ = transforms.prepare_image(image, min_size, spec.max_size, spec.pixel_mean,
-                                          spec.pixel_std, spec.channel_order, spec.buckets, flip)
+                                          spec.pixel_std, spec.channel_order, spec.buckets, flip,
+                                          resize=spec.resize)
   return x, new_hw
 
 
@@ -436,7 +480,8 @@ class TrainPlan:
 
   def __init__(self, heights: np.ndarray, widths: np.ndarray, *, seed: int, batch_size: int,
                train_min_sizes: Sequence[int], max_size: int,
-               buckets: Sequence[Sequence[int]], hflip_prob: float):
+               buckets: Sequence[Sequence[int]], hflip_prob: float,
+               resize: str = 'torchvision'):
     self.heights = np.asarray(heights, np.int64)
     self.widths = np.asarray(widths, np.int64)
     if not len(self.heights):
@@ -450,7 +495,7 @@ class TrainPlan:
     pairs, inverse = np.unique(np.stack([self.heights, self.widths], 1), axis=0,
                                return_inverse=True)
     table = np.array([[self.buckets.index(structures.choose_bucket(
-        *transforms.resize_shape(int(h), int(w), int(s), max_size), self.buckets))
+        *transforms.resize_shape(int(h), int(w), int(s), max_size, resize), self.buckets))
                        for s in self.min_sizes] for h, w in pairs], np.int64)
     self.bucket_of = table.reshape(len(pairs), -1)[np.ravel(inverse)]
     self._epochs: collections.OrderedDict = collections.OrderedDict()
@@ -550,7 +595,8 @@ class _TrainBatchLoader:
 
   def _bucket(self, i: int, min_size: int) -> tuple[int, int]:
     r = self.records[i]
-    hw = transforms.resize_shape(r['height'], r['width'], min_size, self.spec.max_size)
+    hw = transforms.resize_shape(r['height'], r['width'], min_size, self.spec.max_size,
+                                 self.spec.resize)
     return structures.choose_bucket(*hw, self.spec.buckets)
 
   def _mark_bad(self, i: int, error: coco.ImageDecodeError) -> None:
@@ -722,7 +768,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, *,
   plan = TrainPlan([r['height'] for r in records], [r['width'] for r in records],
                    seed=config.seed, batch_size=i.batch_size,
                    train_min_sizes=i.train_min_sizes, max_size=i.max_size, buckets=i.buckets,
-                   hflip_prob=i.hflip_prob)
+                   hflip_prob=i.hflip_prob, resize=str(i.get('resize', 'torchvision')))
   if config.data.get('verify_images', False):
     _verify_train_images(records)
   loader = _TrainBatchLoader(records, _InputSpec.from_config(config, label_map), host, per_host,

@@ -12,6 +12,8 @@ import numpy as np
 from maskrcnn_jax import structures
 
 MASK_THRESHOLD = 0.5  # a soft mask value >= this is foreground (detectron2, TPU Mask R-CNN)
+# input.resize: whose resize the image path reproduces (`resize_shape`, `prepare_image`).
+RESIZES = ('torchvision', 'detectron2')
 DEFAULT_CROP_SAMPLES = 2  # bilinear samples per output bin and axis in crop_and_resize_masks
 
 
@@ -25,16 +27,40 @@ def resize_scale(h: int, w: int, min_size: float, max_size: float) -> float:
   return min(float(min_size) / min(h, w), float(max_size) / max(h, w))
 
 
-def resize_shape(h: int, w: int, min_size: float, max_size: float) -> tuple[int, int]:
-  """Output (new_h, new_w) of torchvision's resize: floor(dim * scale), at least 1 pixel.
+def resize_shape(h: int, w: int, min_size: float, max_size: float,
+                 mode: str = 'torchvision') -> tuple[int, int]:
+  """Output (new_h, new_w) of the resize, at least 1 pixel a side.
 
-  torch.nn.functional.interpolate(scale_factor=s, recompute_scale_factor=True) takes the output
-  size as floor(float(dim) * s) in double precision. For an extreme aspect ratio (2x3000 at
-  max_size 1333) the short side floors to 0, where torchvision fails; it is kept at 1 pixel here
+  'torchvision': F.interpolate(scale_factor=s, recompute_scale_factor=True) takes the output
+  size as floor(float(dim) * s) in double precision. 'detectron2' (`ResizeShortestEdge`): the
+  short side becomes min_size, the other side scales with it, both shrink together if the long
+  side passes max_size, and each is rounded half up. For an extreme aspect ratio (2x3000 at
+  max_size 1333) the short side reaches 0, where torchvision fails; it is kept at 1 pixel here
   so such an image still trains and predicts.
   """
+  if mode == 'detectron2':
+    short, size = min(h, w), float(min_size)
+    new_h, new_w = (size, size / short * w) if h < w else (size / short * h, size)
+    if max(new_h, new_w) > max_size:
+      shrink = float(max_size) / max(new_h, new_w)
+      new_h, new_w = new_h * shrink, new_w * shrink
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
+  if mode != 'torchvision':
+    raise ValueError(f'input.resize = {mode!r}: expected one of {RESIZES}')
   scale = resize_scale(h, w, min_size, max_size)
   return (max(1, int(np.floor(float(h) * scale))), max(1, int(np.floor(float(w) * scale))))
+
+
+def resize_uint8_pil(img: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+  """detectron2's `ResizeTransform` of a uint8 image: PIL bilinear (which widens its filter,
+  i.e. antialiases, when shrinking) with uint8 output. Returns uint8 `[new_h, new_w, C]`."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  img = np.asarray(img)
+  if img.dtype != np.uint8:
+    raise ValueError(f"input.resize = 'detectron2' resizes uint8 images, got {img.dtype}")
+  if img.shape[:2] == (new_h, new_w):
+    return img.copy()
+  return np.asarray(Image.fromarray(img).resize((int(new_w), int(new_h)), Image.BILINEAR))
 
 
 def _linear_indices(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -184,12 +210,15 @@ def pad_to(img: np.ndarray, h: int, w: int, value: float = 0) -> np.ndarray:
 # ------------------------------------------------------------------------- the one image path
 def prepare_image(image: np.ndarray, min_size: int, max_size: int, mean: Sequence[float],
                   std: Sequence[float], channel_order: str,
-                  buckets: Sequence[Sequence[int]], flip: bool = False):
+                  buckets: Sequence[Sequence[int]], flip: bool = False,
+                  resize: str = 'torchvision'):
   """The model input of one image, for training and inference alike.
 
-  torchvision's `GeneralizedRCNNTransform` order: normalise (in `channel_order`), resize
-  bilinearly (short side `min_size`, long side at most `max_size`), then (training) mirror, and
-  zero-pad at the bottom/right to the smallest bucket that holds the result.
+  torchvision's `GeneralizedRCNNTransform` order (`resize='torchvision'`): normalise (in
+  `channel_order`), resize bilinearly (short side `min_size`, long side at most `max_size`),
+  then (training) mirror, and zero-pad at the bottom/right to the smallest bucket that holds the
+  result. `resize='detectron2'` resizes the uint8 pixels first, as `DefaultPredictor` and
+  detectron2's data loader do (`resize_shape`'s rounding, `resize_uint8_pil`), then normalises.
 
   Args:
     image: uint8 `[h, w, 3]` RGB.
@@ -198,8 +227,11 @@ def prepare_image(image: np.ndarray, min_size: int, max_size: int, mean: Sequenc
     `(float32 [Hb, Wb, 3], (new_h, new_w), (Hb, Wb))`.
   """
   h, w = image.shape[:2]
-  new_h, new_w = resize_shape(h, w, min_size, max_size)
-  x = resize_image(normalize(image, mean, std, channel_order), new_h, new_w)
+  new_h, new_w = resize_shape(h, w, min_size, max_size, resize)
+  if resize == 'detectron2':
+    x = normalize(resize_uint8_pil(image, new_h, new_w), mean, std, channel_order)
+  else:
+    x = resize_image(normalize(image, mean, std, channel_order), new_h, new_w)
   if flip:
     x = hflip_image(x)
   bucket = structures.choose_bucket(new_h, new_w, buckets)

@@ -93,7 +93,8 @@ def decode_masks(rles: Sequence[Mapping[str, Any]], height: int, width: int) -> 
 
 
 def detections_to_coco_results(image_id: int, prediction: Prediction,
-                               label_to_category_id: Mapping[int, int]) -> list[dict]:
+                               label_to_category_id: Mapping[int, int], *,
+                               keypoint_offset: float = 0.0) -> list[dict]:
   """COCO result dicts for one image's detections.
 
   Args:
@@ -104,6 +105,8 @@ def detections_to_coco_results(image_id: int, prediction: Prediction,
       in original pixels with `keypoint_valid` bool [D, K_max] (the detected class's own K_c
       keypoints, the first K_c slots).
     label_to_category_id: contiguous label -> COCO category id (the dataset's map).
+    keypoint_offset: subtracted from the keypoints' x and y (`config.data.keypoint_offset`,
+      which training added to the ground truth: detectron2's 0.5 back to COCO pixel indices).
 
   Returns:
     D dicts with `image_id`, `category_id`, `bbox` ([x, y, w, h], original pixels), `score`,
@@ -123,7 +126,7 @@ def detections_to_coco_results(image_id: int, prediction: Prediction,
     rles = encode_masks(prediction['masks'])
     if len(rles) != len(boxes):
       raise ValueError(f'{len(rles)} masks for {len(boxes)} detections')
-  keypoints = _keypoint_lists(prediction, len(boxes))
+  keypoints = _keypoint_lists(prediction, len(boxes), keypoint_offset)
   xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
   results = []
   for d in range(len(boxes)):
@@ -144,14 +147,16 @@ def detections_to_coco_results(image_id: int, prediction: Prediction,
   return results
 
 
-def _keypoint_lists(prediction: Prediction, num: int) -> Optional[list[list[float]]]:
-  """Per detection, the flat [x, y, 1] list of its valid keypoints ([] for none), or None when
-  the prediction has no keypoints."""
+def _keypoint_lists(prediction: Prediction, num: int, offset: float = 0.0
+                    ) -> Optional[list[list[float]]]:
+  """Per detection, the flat [x - offset, y - offset, 1] list of its valid keypoints ([] for
+  none), or None when the prediction has no keypoints."""
   if prediction.get('keypoints') is None:
     return None
   kps = np.asarray(prediction['keypoints'], np.float64)
   if kps.ndim != 3 or kps.shape[0] != num or kps.shape[2] != 3:
     raise ValueError(f'keypoints must be [{num} detections, K, 3], got shape {kps.shape}')
+  kps = kps - np.array([offset, offset, 0.0])
   valid = prediction.get('keypoint_valid')
   valid = (np.ones(kps.shape[:2], bool) if valid is None
            else np.asarray(valid, bool).reshape(kps.shape[:2]))

@@ -192,6 +192,19 @@ class BoxHead(heads.RoIHead):
             'labels': np.asarray(detections['labels'][slot])[valid].astype(np.int32)}
 
 
+def clip_and_drop_empty(boxes: np.ndarray, valid: np.ndarray, original_hw: Sequence[int]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  """detectron2's `detector_postprocess` (`model.test.drop_empty_boxes`): original-frame boxes
+  clipped to the image, and `valid` cleared where a clipped side is not > 0. Returns
+  `(boxes float32 [D, 4], valid bool [D])`; the masks are then pasted with the clipped boxes."""
+  h, w = (np.float32(s) for s in original_hw)
+  b = np.asarray(boxes, np.float32).copy()
+  b[:, 0::2] = np.clip(b[:, 0::2], 0, w)
+  b[:, 1::2] = np.clip(b[:, 1::2], 0, h)
+  nonempty = (b[:, 2] - b[:, 0] > 0) & (b[:, 3] - b[:, 1] > 0)
+  return b, np.asarray(valid, bool) & nonempty
+
+
 def boxes_to_original(boxes: np.ndarray, original_hw: Sequence[int],
                       resized_hw: Sequence[int]) -> np.ndarray:
   """float32 `[D, 4]` xyxy from the resized input frame to original-image pixels (torchvision

@@ -84,12 +84,15 @@ class KeypointHead(heads.RoIHead):
     pooler_size: RoI feature size (`model.roi.keypoint_output_size`, 14).
     max_box_size: the longest padded-input side (bounds the decode windows).
     backend: the hooks of `execution.backend` (its convs).
+    score_mode: `model.test.keypoint_score`, what `keypoint_scores` holds: 'logit'
+      (torchvision) or 'detectron2' (its softmax-normalised score).
   """
   head: ml_collections.ConfigDict
   pooler_size: int
   max_box_size: int
   dtype: Any = jnp.float32
   backend: backends.Backend = xla.PLAIN
+  score_mode: str = 'logit'
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
@@ -97,7 +100,7 @@ class KeypointHead(heads.RoIHead):
     m = config.model
     max_side = max(max(int(s) for s in b) for b in config.input.buckets)
     return cls(m.keypoint_head, int(m.roi.keypoint_output_size), max_side,
-               resnet.dtype_of(config), backend)
+               resnet.dtype_of(config), backend, str(m.test.get('keypoint_score', 'logit')))
 
   def setup(self):
     h = self.head
@@ -153,13 +156,18 @@ class KeypointHead(heads.RoIHead):
   def inference(self, pool: heads.Pool, detections: Mapping[str, jnp.ndarray]
                 ) -> dict[str, jnp.ndarray]:
     """`keypoints` float32 `[B, D, K, 3]` (x, y, 1) in the padded-input frame,
-    `keypoint_scores` float32 `[B, D, K]` (the heatmap logit at the maximum, torchvision) and
-    `keypoint_valid` bool `[B, D, K]` (the detected class's set, valid detections only)."""
+    `keypoint_scores` float32 `[B, D, K]` and `keypoint_valid` bool `[B, D, K]` (the detected
+    class's set, valid detections only). The score is the resized heatmap's logit at the
+    maximum (`score_mode='logit'`, torchvision) or, with 'detectron2', that logit's exp divided
+    by the sum of exp over the S x S heatmap (detectron2 `heatmaps_to_keypoints`, which
+    normalises by the pooled map so that scores of large and small boxes compare)."""
     boxes = detections['boxes']
     b, d = boxes.shape[:2]
     x = pool(boxes, self.pooler_size)
     maps, in_set = self(x.reshape((b * d,) + x.shape[2:]), detections['labels'].reshape(-1))
     kps, scores = kp_ops.heatmaps_to_keypoints(maps, boxes.reshape(b * d, 4), self.max_box_size)
+    if self.score_mode == 'detectron2':
+      scores = jnp.exp(scores - jax.nn.logsumexp(maps, axis=(2, 3)))
     k = kps.shape[1]
     valid = in_set.reshape(b, d, k) & detections['valid'][:, :, None]
     return {'keypoints': jnp.where(valid[..., None], kps.reshape(b, d, k, 3), 0.0),

@@ -106,13 +106,14 @@ def generate_proposals(objectness: Sequence[jnp.ndarray], deltas: Sequence[jnp.n
                        anchors: Sequence[np.ndarray], image_size: jnp.ndarray, *,
                        pre_nms_topk: int, post_nms_topk: int, nms_thresh: float,
                        min_size: float, score_thresh: float = 0.0,
-                       bbox_reg_weights: Sequence[float] = box_ops.RPN_BOX_WEIGHTS):
+                       bbox_reg_weights: Sequence[float] = box_ops.RPN_BOX_WEIGHTS,
+                       rank_by: str = 'probability'):
   """Proposals of ONE image (vmap over the batch), torchvision `filter_proposals` semantics.
 
   Per level: top `min(pre_nms_topk, N_l)` anchors by objectness; decode; clip to the content
   size; drop boxes smaller than `min_size` or with probability below `score_thresh`; NMS at
   `nms_thresh` within each level (class-aware NMS with the level as the class); then the best
-  `post_nms_topk` over all levels by objectness.
+  `post_nms_topk` over all levels by objectness (`rank_by`).
 
   Args:
     objectness: per level, float `[N_l]` logits.
@@ -121,6 +122,8 @@ def generate_proposals(objectness: Sequence[jnp.ndarray], deltas: Sequence[jnp.n
     image_size: int `[2]` (height, width) of the resized content inside the padding (traced).
     pre_nms_topk, post_nms_topk, nms_thresh, min_size, score_thresh: static config values.
     bbox_reg_weights: RPN box-coder weights.
+    rank_by: static 'probability' (torchvision: float32 sigmoid, ties to the lower level) or
+      'logit' (detectron2) for NMS and the final top-k.
 
   Returns:
     `(boxes float32 [post_nms_topk, 4], scores float32 [post_nms_topk] (sigmoid probabilities),
@@ -141,7 +144,10 @@ def generate_proposals(objectness: Sequence[jnp.ndarray], deltas: Sequence[jnp.n
   scores = jax.nn.sigmoid(logits)
   valid = box_ops.remove_small(boxes, min_size) & (scores >= score_thresh)
   # Exact: batched NMS by level then the top post_nms_topk is torchvision's batched_nms + keep[:n].
-  keep, keep_valid = nms_ops.batched_nms(boxes, scores, levels, float(nms_thresh),
+  # torchvision sorts by the float32 probability, which ties for logits above ~10 (all 1.0
+  # above ~17); its ties then go to the lower level. detectron2 sorts by the logit itself.
+  rank = logits if rank_by == 'logit' else scores
+  keep, keep_valid = nms_ops.batched_nms(boxes, rank, levels, float(nms_thresh),
                                          int(post_nms_topk), valid)
   return boxes[keep], jnp.where(keep_valid, scores[keep], 0.0), keep_valid
 
@@ -161,5 +167,5 @@ def proposals_from_config(config: ml_collections.ConfigDict, objectness, deltas,
       pre_nms_topk=r.pre_nms_topk_train if train else r.pre_nms_topk_test,
       post_nms_topk=r.post_nms_topk_train if train else r.post_nms_topk_test,
       nms_thresh=r.nms_thresh, min_size=r.min_size, score_thresh=r.score_thresh,
-      bbox_reg_weights=tuple(r.bbox_reg_weights))
+      bbox_reg_weights=tuple(r.bbox_reg_weights), rank_by=str(r.get('rank_by', 'probability')))
   return jax.vmap(fn)(list(objectness), list(deltas), image_size)

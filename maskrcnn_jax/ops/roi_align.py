@@ -31,19 +31,24 @@ def _pair(output_size) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _axis_samples(lo, hi, scale, size, pooled: int, grid: int, aligned: bool):
+def _axis_samples(lo, hi, scale, size, pooled: int, grid: int, aligned: bool,
+                  adaptive: bool = False):
   """Bilinear taps along one axis, as torchvision's CPU kernel computes them.
 
   Args:
     lo, hi: float32 `[N]` box start/end in image pixels along this axis.
     scale: float32 scalar or `[N]`, image -> feature map scale.
     size: int32 scalar or `[N]`, feature-map extent along this axis.
-    pooled, grid: static output bins and samples per bin along this axis.
+    pooled, grid: static output bins and sample slots per bin along this axis.
     aligned: half-pixel offset (torchvision `aligned=True`).
+    adaptive: the kernel's `sampling_ratio <= 0` rule: each RoI uses `ceil(bin size)` samples
+      (0 for an empty aligned RoI), at most `grid`; the slots past a RoI's own count get weight 0,
+      so the shapes stay static and the result is exact for every RoI that needs <= `grid`.
 
   Returns:
-    `(low, high, w_low, w_high)`, each `[N, pooled, grid]`: int32 neighbour indices (always in
-    `[0, size - 1]`) and float32 weights (0 for samples outside the map or non-finite boxes).
+    `(low, high, w_low, w_high, count)`: the first four `[N, pooled, grid]`, int32 neighbour
+    indices (always in `[0, size - 1]`) and float32 weights (0 for samples outside the map,
+    unused slots or non-finite boxes); `count` float32 `[N]` samples per bin along this axis.
   """
   offset = jnp.float32(0.5 if aligned else 0.0)
   start = lo * scale - offset
@@ -51,15 +56,28 @@ def _axis_samples(lo, hi, scale, size, pooled: int, grid: int, aligned: bool):
   extent = end - start
   if not aligned:
     extent = jnp.maximum(extent, 1.0)  # legacy RoIAlign forces rois to be at least 1x1
-  bin_size = box_ops.true_divide(extent, pooled)[:, None, None]
+  bin_size = box_ops.true_divide(extent, pooled)
   p = jnp.arange(pooled, dtype=jnp.float32)[None, :, None]
   i = jnp.arange(grid, dtype=jnp.float32)[None, None, :] + 0.5
+  if adaptive:
+    count = jnp.minimum(jnp.ceil(bin_size), jnp.float32(grid))
+    count = jnp.where(jnp.isfinite(count), count, 0.0)
+    used = jnp.arange(grid)[None, None, :] < count[:, None, None]
+    # The barrier keeps XLA from folding the per-RoI division into a reciprocal multiply,
+    # which would round differently from the kernel's `(i + .5) * bin / grid`.
+    step, divisor = jax.lax.optimization_barrier(
+        (i * bin_size[:, None, None], jnp.maximum(count, 1.0)[:, None, None]))
+    step = step / divisor
+  else:
+    count = jnp.full(bin_size.shape, grid, jnp.float32)
+    used = True
+    step = box_ops.true_divide(i * bin_size[:, None, None], grid)
   # Same operation order as torchvision: start + p * bin + (i + .5) * bin / grid.
-  pos = (start[:, None, None] + p * bin_size) + box_ops.true_divide(i * bin_size, grid)
+  pos = (start[:, None, None] + p * bin_size[:, None, None]) + step
   size = jnp.asarray(size)
   size_b = size[:, None, None] if size.ndim else size
   size_f = size_b.astype(jnp.float32)
-  inside = (pos >= -1.0) & (pos <= size_f) & jnp.isfinite(pos)
+  inside = (pos >= -1.0) & (pos <= size_f) & jnp.isfinite(pos) & used
   pos = jnp.where(inside, jnp.maximum(pos, 0.0), 0.0)
   low = jnp.floor(pos).astype(jnp.int32)
   at_edge = low >= size_b - 1
@@ -69,17 +87,24 @@ def _axis_samples(lo, hi, scale, size, pooled: int, grid: int, aligned: bool):
   frac = pos - low.astype(jnp.float32)
   w_low = jnp.where(inside, 1.0 - frac, 0.0)
   w_high = jnp.where(inside, frac, 0.0)
-  return low, high, w_low, w_high
+  return low, high, w_low, w_high, count
 
 
-def _bin_taps(boxes, scale, heights, widths, offsets, output_size, sampling_ratio, aligned):
+def _bin_taps(boxes, scale, heights, widths, offsets, output_size, sampling_ratio, aligned,
+              max_sampling_ratio: int = 4):
   """Flat gather indices (int32) and weights (float32), both `[N, oh, ow, K]`, of the
-  K = 4 * s^2 bilinear taps of every bin; the weights include the 1 / s^2 average."""
+  K = 4 * s^2 bilinear taps of every bin; the weights include the 1 / count average.
+
+  `s` is `sampling_ratio`, or `max_sampling_ratio` slots for the adaptive ratio 0 (see
+  `_axis_samples`)."""
   oh, ow = _pair(output_size)
-  g = int(sampling_ratio)
+  adaptive = int(sampling_ratio) == 0
+  g = int(max_sampling_ratio) if adaptive else int(sampling_ratio)
   boxes = jax.lax.stop_gradient(boxes.astype(jnp.float32))
-  yl, yh, wyl, wyh = _axis_samples(boxes[:, 1], boxes[:, 3], scale, heights, oh, g, aligned)
-  xl, xh, wxl, wxh = _axis_samples(boxes[:, 0], boxes[:, 2], scale, widths, ow, g, aligned)
+  yl, yh, wyl, wyh, gy = _axis_samples(boxes[:, 1], boxes[:, 3], scale, heights, oh, g, aligned,
+                                       adaptive)
+  xl, xh, wxl, wxh, gx = _axis_samples(boxes[:, 0], boxes[:, 2], scale, widths, ow, g, aligned,
+                                       adaptive)
   n = boxes.shape[0]
   widths = jnp.asarray(widths)
   row_stride = widths.reshape((-1,) + (1,) * 6) if widths.ndim else widths
@@ -91,7 +116,10 @@ def _bin_taps(boxes, scale, heights, widths, offsets, output_size, sampling_rati
   wy = jnp.stack([wyl, wyh], axis=-1)[:, :, None, :, None, :, None]
   wx = jnp.stack([wxl, wxh], axis=-1)[:, None, :, None, :, None, :]
   idx = (base + rows * row_stride + cols).reshape(n, oh, ow, 4 * g * g)
-  inv_count = jnp.float32(1.0 / max(g * g, 1))
+  if adaptive:  # torchvision: count = max(grid_h * grid_w, 1)
+    inv_count = (1.0 / jnp.maximum(gy * gx, 1.0)).reshape((-1,) + (1,) * 6)
+  else:
+    inv_count = jnp.float32(1.0 / max(g * g, 1))
   wts = (wy * wx * inv_count).reshape(n, oh, ow, 4 * g * g)
   return idx, wts
 
@@ -104,17 +132,21 @@ def _weighted_gather(flat, idx, wts, backend: str):
   return backends.get(backend).weighted_row_gather(flat, idx, wts)
 
 
-def _check_sampling(sampling_ratio):
-  if int(sampling_ratio) < 1:
-    raise ValueError(f'sampling_ratio must be a static int >= 1, got {sampling_ratio} '
-                     '(torchvision\'s adaptive sampling (<= 0) has data-dependent shapes)')
+def _check_sampling(sampling_ratio, max_sampling_ratio):
+  if int(sampling_ratio) != sampling_ratio or int(sampling_ratio) < 0:
+    raise ValueError(f'sampling_ratio must be a static int >= 0 (0 = adaptive), got '
+                     f'{sampling_ratio!r}')
+  if int(sampling_ratio) == 0 and (int(max_sampling_ratio) != max_sampling_ratio
+                                   or int(max_sampling_ratio) < 1):
+    raise ValueError('max_sampling_ratio (the cap of the adaptive sampling ratio 0) must be a '
+                     f'static int >= 1, got {max_sampling_ratio!r}')
 
 
 @functools.partial(jax.jit, static_argnames=('output_size', 'spatial_scale', 'sampling_ratio',
-                                             'aligned', 'backend'))
+                                             'aligned', 'backend', 'max_sampling_ratio'))
 def roi_align(features: jnp.ndarray, boxes: jnp.ndarray, output_size, spatial_scale: float,
               sampling_ratio: int = 2, aligned: bool = False,
-              backend: str = 'auto') -> jnp.ndarray:
+              backend: str = 'auto', max_sampling_ratio: int = 4) -> jnp.ndarray:
   """RoIAlign of one image, equal to `torchvision.ops.roi_align` with the same arguments.
 
   Each output bin averages `sampling_ratio**2` bilinear samples placed on a regular grid inside
@@ -139,20 +171,24 @@ def roi_align(features: jnp.ndarray, boxes: jnp.ndarray, output_size, spatial_sc
     boxes: float `[N, 4]` xyxy boxes in input-image pixels.
     output_size: static int or `(oh, ow)`.
     spatial_scale: static float, feature pixels per image pixel (e.g. 1/4 for P2).
-    sampling_ratio: static int >= 1, samples per bin along each axis (torchvision's adaptive
-      `<= 0` is not supported: it would make shapes data-dependent).
+    sampling_ratio: static int, samples per bin along each axis; 0 is torchvision's and
+      detectron2's adaptive `ceil(RoI side / output size)` per RoI and axis, realised as a
+      static grid of `max_sampling_ratio` slots per axis whose unused slots weigh 0: exact for
+      every RoI that needs at most `max_sampling_ratio`, capped there for larger ones.
     aligned: static bool, half-pixel offset (detectron2 ROIAlignV2); torchvision Mask R-CNN v1
       uses False.
     backend: static `execution.backend` value ('auto', 'xla' or 'cpu').
+    max_sampling_ratio: static int >= 1, the adaptive ratio's cap (used only when
+      `sampling_ratio == 0`; the gather then reads `4 * max_sampling_ratio**2` taps a bin).
 
   Returns:
     `[N, oh, ow, C]` in `features.dtype`.
   """
-  _check_sampling(sampling_ratio)
+  _check_sampling(sampling_ratio, max_sampling_ratio)
   features, boxes = jnp.asarray(features), jnp.asarray(boxes)
   h, w, c = features.shape
   idx, wts = _bin_taps(boxes, jnp.float32(spatial_scale), jnp.int32(h), jnp.int32(w),
-                       jnp.int32(0), output_size, sampling_ratio, aligned)
+                       jnp.int32(0), output_size, sampling_ratio, aligned, max_sampling_ratio)
   out = _weighted_gather(features.reshape(h * w, c), idx, wts, backend)
   return out.astype(features.dtype)
 
@@ -292,11 +328,13 @@ def assign_levels(boxes: jnp.ndarray, min_level: int, max_level: int, canonical_
 
 @functools.partial(jax.jit, static_argnames=('output_size', 'sampling_ratio', 'aligned',
                                              'min_level', 'canonical_level', 'canonical_scale',
-                                             'op', 'backend'))
+                                             'op', 'warp_reduce', 'backend',
+                                             'max_sampling_ratio'))
 def multilevel_roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray, output_size,
                          sampling_ratio: int = 2, aligned: bool = False, min_level: int = 2,
                          canonical_level: int = 4, canonical_scale: float = 224,
-                         op: str = 'align', backend: str = 'auto') -> jnp.ndarray:
+                         op: str = 'align', backend: str = 'auto',
+                         warp_reduce: str = 'max', max_sampling_ratio: int = 4) -> jnp.ndarray:
   """Pools each RoI from its FPN level (torchvision `MultiScaleRoIAlign`) in one computation.
 
   The levels are flattened into one `[sum_l H_l * W_l, C]` buffer; each RoI gathers from its
@@ -307,10 +345,12 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray, ou
     features: sequence of float `[H_l, W_l, C]` maps for levels `min_level, min_level + 1, ...`.
     boxes: float `[N, 4]` xyxy in input pixels.
     output_size: static int or `(oh, ow)`.
-    sampling_ratio, aligned: as in `roi_align` (used by op='align').
+    sampling_ratio, aligned, max_sampling_ratio: as in `roi_align` (used by op='align').
     min_level: level of `features[0]`; the last map is level `min_level + len(features) - 1`.
     canonical_level, canonical_scale: `assign_levels` parameters.
-    op: 'align' (RoIAlign) or 'pool' (RoIPool).
+    op: 'align' (RoIAlign), 'pool' (RoIPool) or 'warp' (RoIWarp, `ops/roi_warp.py`: RoIPool's
+      bins sampled bilinearly, `sampling_ratio` per axis, reduced by `warp_reduce`).
+    warp_reduce: 'max' or 'avg', used by op='warp'.
     backend: static `execution.backend` value (RoIAlign's gather).
 
   Returns:
@@ -332,10 +372,14 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray, ou
   offsets = jnp.asarray(starts)[k]
   scales = jnp.asarray(2.0 ** -np.arange(min_level, max_level + 1), jnp.float32)[k]
   if op == 'align':
-    _check_sampling(sampling_ratio)
+    _check_sampling(sampling_ratio, max_sampling_ratio)
     idx, wts = _bin_taps(boxes, scales, heights, widths,
-                         offsets, output_size, sampling_ratio, aligned)
+                         offsets, output_size, sampling_ratio, aligned, max_sampling_ratio)
     return _weighted_gather(flat, idx, wts, backend).astype(dtype)
   if op == 'pool':
     return _roi_pool_flat(flat, boxes, scales, heights, widths, offsets, output_size)
-  raise ValueError(f"op must be 'align' or 'pool', got {op!r}")
+  if op == 'warp':
+    from maskrcnn_jax.ops import roi_warp  # pylint: disable=g-import-not-at-top  (imports this)
+    return roi_warp.roi_warp_flat(flat, boxes, scales, heights, widths, offsets, output_size,
+                                  int(sampling_ratio), warp_reduce, backend).astype(dtype)
+  raise ValueError(f"op must be 'align', 'pool' or 'warp', got {op!r}")

@@ -1,5 +1,5 @@
-"""detectron2 checkpoints -> our variables: R50-FPN Mask R-CNN `model_final_*.pkl` and the MSRA
-ImageNet `R-50.pkl` (Caffe2 names) for backbone initialisation.
+"""detectron2 checkpoints -> our variables: R50-FPN Mask and Keypoint R-CNN `model_final_*.pkl`
+and the MSRA ImageNet `R-50.pkl` (Caffe2 names) for backbone initialisation.
 
 Class layout: detectron2's `cls_score` has K+1 rows with background LAST, `bbox_pred` 4K rows
 and the mask `predictor` K channels, both without background. Ours put background first at
@@ -123,6 +123,12 @@ def _head_module(mods: tuple[str, ...]) -> Optional[str]:
     return f'roi_heads.box_head.fc{int(m[1]) - 5}' if m else None
   if mods[:2] == ('roi_heads', 'mask_head') and len(mods) == 3:
     return f'roi_heads.mask_head.{mods[2]}' if re.fullmatch(r'mask_fcn\d+', mods[2]) else None
+  if mods[:2] == ('roi_heads', 'keypoint_head') and len(mods) == 3:
+    # KRCNNConvDeconvUpsampleHead names its convs conv_fcn1.. as we do.
+    return f'roi_heads.keypoint_head.{mods[2]}' if re.fullmatch(r'conv_fcn\d+', mods[2]) else None
+  if mods == ('roi_heads', 'keypoint_predictor', 'kps_score_lowres'):
+    # Its ConvTranspose2d(512, K, 4, stride 2, padding 1), torchvision's kps_score_lowres.
+    return 'roi_heads.keypoint_head.score_lowres'
   return None
 
 
@@ -187,7 +193,9 @@ def is_c2_format(state_dict: Mapping[str, Any]) -> bool:
 def from_detectron2(state_dict: Mapping[str, Any], config: ml_collections.ConfigDict, *,
                     allow_class_mismatch: bool = False, key: Optional[jax.Array] = None,
                     source: str = 'detectron2 state dict') -> dict:
-  """Our variables `{'params', 'constants'}` from a detectron2 Mask/Faster R-CNN R-FPN model.
+  """Our variables `{'params', 'constants'}` from a detectron2 Mask/Faster/Keypoint R-CNN R-FPN
+  model (`configs/detectron2_keypointrcnn_r50_fpn.py` for the keypoint models: detectron2's one
+  class-agnostic keypoint set is label 1's channels).
 
   Args:
     state_dict: `{name: array}`, e.g. `load_state_dict('model_final_f10217.pkl')` (the

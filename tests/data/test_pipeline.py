@@ -247,3 +247,22 @@ def test_load_dataset_records_generates_shapes(tmp_path):
   config.data.source = 'coco'
   with pytest.raises(ValueError, match='train_json'):
     pipeline.load_dataset_records(config, 'train')
+
+
+def test_detectron2_resize_reaches_planning_and_preprocessing():
+  """input.resize='detectron2': the plan buckets and the image path use its rounded sizes."""
+  config = maskrcnn_r50_fpn.get_config()
+  config.input.resize = 'detectron2'
+  config.input.buckets = ((800, 1216), (800, 1344))
+  spec = pipeline._InputSpec.from_config(config)  # pylint: disable=protected-access
+  image = np.random.default_rng(0).integers(0, 256, (300, 451, 3)).astype(np.uint8)
+  x, hw = pipeline.preprocess_image(image, 800, False, spec)
+  assert hw == (800, 1203) and x.shape == (800, 1216, 3)  # torchvision floors to 1202
+  plan_tv = pipeline.TrainPlan(np.array([300]), np.array([451]), seed=0, batch_size=1,
+                               train_min_sizes=(800,), max_size=1333,
+                               buckets=((800, 1202), (800, 1344)), hflip_prob=0.0)
+  plan_d2 = pipeline.TrainPlan(np.array([300]), np.array([451]), seed=0, batch_size=1,
+                               train_min_sizes=(800,), max_size=1333,
+                               buckets=((800, 1202), (800, 1344)), hflip_prob=0.0,
+                               resize='detectron2')
+  assert (plan_tv.bucket_of[0][0], plan_d2.bucket_of[0][0]) == (0, 1)

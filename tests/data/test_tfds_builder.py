@@ -1,6 +1,7 @@
 """The coco_instances TFDS builder: build tiny COCO folders as ArrayRecord, read them back.
 
-Needs the optional 'tfds' extra (tensorflow-datasets, array-record); skipped without it.
+tensorflow-datasets and array-record are in the test extra (no TensorFlow needed); the module
+is skipped only where they are not installed.
 """
 
 import json
@@ -128,12 +129,12 @@ def test_data_source_matches_json(built, shapes_folder, split):
     by_id = {int(a): k for k, a in enumerate(objects['id'])}
     for ann in anns:
       k = by_id[ann['id']]
-      x, y, bw, bh = ann['bbox']
-      np.testing.assert_allclose(objects['bbox'][k], [x, y, x + bw, y + bh], atol=1e-4)
+      np.testing.assert_array_equal(objects['bbox'][k], ann['bbox'])  # the file's xywh, as is
       assert objects['category_id'][k] == ann['category_id']
       assert objects['label'][k] == {4: 1, 9: 2}[ann['category_id']]
       assert bool(objects['is_crowd'][k]) == bool(ann['iscrowd'])
-      assert objects['area'][k] == pytest.approx(ann['area'])
+      assert objects['area'][k] == ann['area']
+      assert objects['has_mask'][k]
       expected = tfds_builder.segmentation_to_rle(ann['segmentation'], h, w)
       stored = {'size': [h, w], 'counts': objects['mask'][k]}
       np.testing.assert_array_equal(mask_utils.decode(stored), mask_utils.decode(expected))
@@ -149,41 +150,43 @@ def _build(manual_dir, data_dir, config='shapes'):
   return builder
 
 
-def test_records_from_tfds(built):
+def test_load_tfds(built):
   data_dir, _ = built
-  records = tfds_builder.records_from_tfds('coco_instances/shapes', 'train', data_dir)
-  assert len(records) == 3
-  assert records.label_map.category_ids == (4, 9)
-  assert records.label_map.names == ('square', 'triangle')
-  by_id = {records[i]['image_id']: records[i] for i in range(len(records))}
+  dataset = tfds_builder.load_tfds('coco_instances/shapes', 'train', data_dir)
+  records = dataset.records
+  assert [r['image_id'] for r in records] == [1, 2, 3]  # image-id order, as load_coco's
+  assert dataset.label_map.category_ids == (4, 9)
+  assert dataset.label_map.names == ('square', 'triangle')
+  by_id = {r['image_id']: r for r in records}
   first = by_id[1]
   assert first['file_name'] == 'train/000001.png'
-  assert first['image'].shape == (40, 48, 3) and first['image'].dtype == np.uint8
+  assert 'image' not in first  # read lazily
+  image = coco.record_image(first)
+  assert image.shape == (40, 48, 3) and image.dtype == np.uint8
   assert first['boxes'].shape == (3, 4) and first['boxes'].dtype == np.float32
   order = np.argsort(first['ann_ids'])
   np.testing.assert_array_equal(first['labels'][order], [1, 2, 1])
-  np.testing.assert_array_equal(first['category_ids'][order], [4, 9, 4])
   np.testing.assert_array_equal(first['crowd'][order], [False, False, True])
   np.testing.assert_allclose(first['boxes'][order[0]], [5, 5, 25, 20])
   masks = coco.decode_masks(first)  # the DATA engineer's decoder reads these records as is
   assert masks.shape == (3, 40, 48)
   assert masks[order[2], 30:40, 0:20].all() and masks[order[2]].sum() == 200
-  grey = by_id[2]
-  assert grey['image'].shape == (32, 32, 3)
-  assert (grey['image'][..., 0] == grey['image'][..., 2]).all()
+  grey = coco.record_image(by_id[2])
+  assert grey.shape == (32, 32, 3)
+  assert (grey[..., 0] == grey[..., 2]).all()
   empty = by_id[3]
   assert empty['boxes'].shape == (0, 4) and empty['labels'].shape == (0,)
   assert coco.decode_masks(empty).shape == (0, 24, 36)
-  capped = tfds_builder.records_from_tfds('coco_instances/shapes', 'train', data_dir,
-                                          max_instances=1)
-  only = next(capped[i] for i in range(3) if capped[i]['image_id'] == 1)
+  capped = tfds_builder.load_tfds('coco_instances/shapes', 'train', data_dir,
+                                  max_instances=1).records
+  only = capped[0]
   np.testing.assert_array_equal(only['ann_ids'], first['ann_ids'][order[:1]])  # non-crowd, largest
   other_space = coco.LabelMap(category_ids=(9,), names=('triangle',))
-  relabelled = tfds_builder.records_from_tfds('coco_instances/shapes', 'train', data_dir,
-                                              label_map=other_space)
-  first = next(relabelled[i] for i in range(3) if relabelled[i]['image_id'] == 1)
+  relabelled = tfds_builder.load_tfds('coco_instances/shapes', 'train', data_dir,
+                                      label_map=other_space).records
+  first = relabelled[0]
   np.testing.assert_array_equal(first['labels'], [1])  # squares are outside this label space
-  np.testing.assert_array_equal(first['category_ids'], [9])
+  assert len(first['ann_ids']) == 1
 
 
 def test_real_shapes_dataset_matches_coco_reader(tmp_path):
@@ -193,15 +196,14 @@ def test_real_shapes_dataset_matches_coco_reader(tmp_path):
   _build(root, data_dir)
   for split, json_name in (('train', 'instances_train.json'), ('validation', 'instances_val.json')):
     expected = coco.load_coco(str(root / json_name), str(root)).records
-    got = tfds_builder.records_from_tfds('coco_instances/shapes', split, str(data_dir))
-    got = sorted(got, key=lambda r: r['image_id'])
+    got = tfds_builder.load_tfds('coco_instances/shapes', split, str(data_dir)).records
     assert [r['image_id'] for r in got] == [r['image_id'] for r in expected]
     for want, have in zip(expected, got):
       assert len(want['labels']) > 0
-      for key in ('boxes', 'labels', 'crowd', 'areas', 'ann_ids'):
+      for key in ('boxes', 'labels', 'crowd', 'areas', 'ann_ids', 'has_mask'):
         np.testing.assert_array_equal(have[key], want[key], err_msg=key)
       np.testing.assert_array_equal(coco.decode_masks(have), coco.decode_masks(want))
-      np.testing.assert_array_equal(have['image'], coco.load_image(want['file_name']))
+      np.testing.assert_array_equal(coco.record_image(have), coco.load_image(want['file_name']))
 
 
 def test_coco2017_layout_with_keypoints_and_only_val(tmp_path):
@@ -221,22 +223,38 @@ def test_coco2017_layout_with_keypoints_and_only_val(tmp_path):
       {'images': images, 'annotations': [person, dog], 'categories': categories}))
   keypoints = np.arange(51, dtype=np.float32).reshape(17, 3)
   keypoints[:, 2] = 2
+  names = [f'part_{k}' for k in range(17)]
   (root / 'annotations' / 'person_keypoints_val2017.json').write_text(json.dumps(
-      {'images': images, 'categories': categories[:1], 'annotations': [
+      {'images': images, 'categories': [dict(categories[0], keypoints=names, skeleton=[[1, 2]])],
+       'annotations': [
           dict(person, keypoints=keypoints.reshape(-1).tolist(), num_keypoints=17)]}))
   builder = _build(root, tmp_path / 'tfds', config='coco2017')
   assert set(builder.info.splits) == {'validation'}  # train2017 files absent: skipped
-  records = tfds_builder.records_from_tfds('coco_instances/coco2017', 'validation',
-                                           str(tmp_path / 'tfds'))
-  (record,) = list(records)
-  assert records.label_map.category_ids == (1, 18)
+  dataset = tfds_builder.load_tfds('coco_instances/coco2017', 'validation',
+                                   str(tmp_path / 'tfds'), with_keypoints=True)
+  (record,) = dataset.records
+  assert dataset.label_map.category_ids == (1, 18)
+  assert dataset.label_map.keypoint_names == (tuple(names), ())
+  assert dataset.label_map.keypoint_skeleton == (((0, 1),), ())
   order = np.argsort(record['ann_ids'])
   np.testing.assert_array_equal(record['labels'][order], [1, 2])
   np.testing.assert_array_equal(record['keypoints'][order[0]], keypoints)
   np.testing.assert_array_equal(record['keypoints'][order[1]], np.zeros((17, 3)))
+  want = coco.load_coco(str(root / 'annotations' / 'person_keypoints_val2017.json'),
+                        str(root / 'val2017'), with_keypoints=True, keypoint_offset=0.5)
+  (shifted,) = tfds_builder.load_tfds('coco_instances/coco2017', 'validation',
+                                      str(tmp_path / 'tfds'), with_keypoints=True,
+                                      keypoint_offset=0.5).records
+  np.testing.assert_array_equal(shifted['keypoints'][order[0]], want.records[0]['keypoints'][0])
+  assert shifted['keypoints'][order[0], 0, 0] == keypoints[0, 0] + 0.5
   np.testing.assert_array_equal(record['boxes'][order], [[2, 3, 12, 15], [20, 10, 30, 20]])
   jpeg = np.asarray(Image.open(root / 'val2017' / '000000000139.jpg'))
-  np.testing.assert_array_equal(record['image'], jpeg)  # the JPEG bytes were stored as is
+  np.testing.assert_array_equal(coco.record_image(record), jpeg)  # JPEG bytes stored as is
+  gt = dataset.gt_dict()
+  by_id = {a['id']: a for a in gt['annotations']}
+  assert by_id[501]['keypoints'] == keypoints.reshape(-1).tolist()
+  assert by_id[501]['num_keypoints'] == 17 and 'keypoints' not in by_id[502]
+  assert gt['categories'][0]['keypoints'] == names
 
 
 def test_missing_manual_files_raise(tmp_path):
@@ -244,3 +262,13 @@ def test_missing_manual_files_raise(tmp_path):
   (tmp_path / 'nothing' / 'README').write_text('not a COCO folder')
   with pytest.raises(FileNotFoundError, match='none of the splits'):
     _build(tmp_path / 'nothing', tmp_path / 'tfds', config='coco2017')
+
+
+def test_build_command(shapes_folder, tmp_path, capsys):
+  from maskrcnn_jax.data import build_tfds  # pylint: disable=g-import-not-at-top
+  root, _ = shapes_folder
+  build_tfds.main(['--config=shapes', f'--manual_dir={root}', f'--data_dir={tmp_path}'])
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[-2].startswith('coco_instances/shapes/2.0.0 train: 3 images in ')
+  assert lines[-1].startswith('coco_instances/shapes/2.0.0 validation: 1 images in ')
+  assert len(tfds_builder.load_tfds('coco_instances/shapes', 'train', str(tmp_path)).records) == 3

@@ -141,3 +141,33 @@ def test_crop_with_index_maps_equals_crop_of_resized_flipped_masks():
   out = T.crop_and_resize_masks(masks, boxes, 7, row_map=T.nearest_indices(13, new_h),
                                 col_map=T.nearest_indices(17, new_w)[::-1])
   np.testing.assert_array_equal(out, ref)
+
+
+# detectron2 ResizeShortestEdge(800, 1333) sizes, worked by hand: the long side scales with the
+# short one and each is rounded half up (torchvision floors: 427x640 -> 800x1199 there too, but
+# 300x451 -> 800x1202 where detectron2 gives 800x1203).
+@pytest.mark.parametrize('h,w,expected', [
+    ((427), 640, (800, 1199)),  # 640 * 800 / 427 = 1199.06
+    (300, 451, (800, 1203)),  # 1202.67 rounds up
+    (512, 512, (800, 800)),
+    (1000, 1500, (800, 1200)),
+    (480, 1280, (500, 1333)),  # long side capped: 800 x 2133.3 shrunk by 1333 / 2133.3
+    (2, 3000, (1, 1333)),  # short side 0.89 -> 1 (kept at 1 pixel)
+])
+def test_detectron2_resize_shape(h, w, expected):
+  assert T.resize_shape(h, w, 800, 1333, 'detectron2') == expected
+
+
+def test_detectron2_resize_is_pil_on_uint8_and_then_normalised():
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (30, 45, 3)).astype(np.uint8)
+  mean, std = (103.53, 116.28, 123.675), (1.0, 1.0, 1.0)
+  x, hw, bucket = T.prepare_image(image, 40, 100, mean, std, 'BGR', ((64, 64),),
+                                  resize='detectron2')
+  assert hw == (40, 60) and bucket == (64, 64)
+  pil = np.asarray(Image.fromarray(image).resize((60, 40), Image.BILINEAR))
+  np.testing.assert_array_equal(x[:40, :60], T.normalize(pil, mean, std, 'BGR'))
+  assert not x[40:].any() and not x[:, 60:].any()
+  with pytest.raises(ValueError, match='input.resize'):
+    T.resize_shape(30, 45, 40, 100, 'pil')

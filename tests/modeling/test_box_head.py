@@ -97,3 +97,16 @@ def test_head_shapes_and_flatten_order():
   (scores, deltas), _ = jax.eval_shape(
       lambda: predictor.init_with_output(jax.random.key(0), jnp.zeros((7, 8))))
   assert scores.shape == (7, 5) and deltas.shape == (7, 20)
+
+
+def test_clip_and_drop_empty_is_detectron2s_detector_postprocess():
+  boxes = np.array([[-3, 2, 50, 40],      # clipped at x = 0, kept
+                    [10, 5, 10, 30],      # zero width: dropped
+                    [120, 10, 130, 20],   # wholly right of the 100-px image: empty once clipped
+                    [5, 5, 6, 6],         # 1 px, kept
+                    [0, 0, 0, 0]], np.float32)  # an invalid slot stays invalid
+  valid = np.array([True, True, True, True, False])
+  clipped, keep = box_head.clip_and_drop_empty(boxes, valid, (60, 100))
+  np.testing.assert_array_equal(keep, [True, False, False, True, False])
+  np.testing.assert_array_equal(clipped[0], [0, 2, 50, 40])
+  np.testing.assert_array_equal(clipped[2], [100, 10, 100, 20])

@@ -41,8 +41,10 @@ def np_bilinear_taps(y, x, h, w):
   return [(hy * hx, y0, x0), (hy * lx, y0, x1), (ly * hx, y1, x0), (ly * lx, y1, x1)]
 
 
-def np_roi_align(feat, boxes, out_hw, scale, ratio, aligned, cot=None):
-  """Forward output [N, oh, ow, C] and, given a cotangent, the feature gradient [H, W, C]."""
+def np_roi_align(feat, boxes, out_hw, scale, ratio, aligned, cot=None, cap=None):
+  """Forward output [N, oh, ow, C] and, given a cotangent, the feature gradient [H, W, C].
+
+  `ratio=0` is the kernel's adaptive grid, ceil(RoI side / bins) per axis; `cap` clips it."""
   h, w, c = feat.shape
   oh, ow = out_hw
   out = np.zeros((len(boxes), oh, ow, c), np.float64)
@@ -54,16 +56,21 @@ def np_roi_align(feat, boxes, out_hw, scale, ratio, aligned, cot=None):
     if not aligned:
       rw, rh = max(rw, 1.0), max(rh, 1.0)
     bh, bw = rh / oh, rw / ow
+    gy = ratio if ratio > 0 else int(np.ceil(rh / oh))
+    gx = ratio if ratio > 0 else int(np.ceil(rw / ow))
+    if cap is not None:
+      gy, gx = min(gy, cap), min(gx, cap)
+    count = max(gy * gx, 1)
     for ph in range(oh):
       for pw in range(ow):
-        for iy in range(ratio):
-          y = y1 + ph * bh + (iy + 0.5) * bh / ratio
-          for ix in range(ratio):
-            x = x1 + pw * bw + (ix + 0.5) * bw / ratio
+        for iy in range(gy):
+          y = y1 + ph * bh + (iy + 0.5) * bh / gy
+          for ix in range(gx):
+            x = x1 + pw * bw + (ix + 0.5) * bw / gx
             for wgt, yi, xi in np_bilinear_taps(y, x, h, w):
-              out[n, ph, pw] += wgt * feat[yi, xi] / ratio**2
+              out[n, ph, pw] += wgt * feat[yi, xi] / count
               if cot is not None:
-                grad[yi, xi] += wgt * cot[n, ph, pw] / ratio**2
+                grad[yi, xi] += wgt * cot[n, ph, pw] / count
   return out, grad
 
 
@@ -249,7 +256,60 @@ def test_vmap_over_images_and_sampling_ratio_validation():
     ref, _ = np_roi_align(feats[i], boxes[i], (2, 2), 0.5, 2, False)
     np.testing.assert_allclose(out[i], ref, rtol=1e-5, atol=2e-6)
   with pytest.raises(ValueError, match='sampling_ratio'):
-    roi_ops.roi_align(jnp.asarray(feats[0]), jnp.asarray(boxes[0]), 2, 0.5, 0, False)
+    roi_ops.roi_align(jnp.asarray(feats[0]), jnp.asarray(boxes[0]), 2, 0.5, -1, False)
+  with pytest.raises(ValueError, match='max_sampling_ratio'):
+    roi_ops.roi_align(jnp.asarray(feats[0]), jnp.asarray(boxes[0]), 2, 0.5, 0, False,
+                      max_sampling_ratio=0)
+
+
+@pytest.mark.parametrize('aligned', [False, True])
+def test_adaptive_sampling_matches_the_kernel_below_the_cap(aligned):
+  """sampling_ratio=0: per-RoI ceil(side / bins) samples, exact while no RoI needs > cap."""
+  rng = np.random.default_rng(11 + aligned)
+  for case in range(12):
+    h, w = rng.integers(3, 14, size=2)
+    feat = rng.standard_normal((h, w, 3)).astype(np.float32)
+    boxes = odd_boxes(rng, 9, 4 * h, 4 * w)
+    out_hw = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+    cot = rng.standard_normal((len(boxes),) + out_hw + (3,)).astype(np.float32)
+    # 0.25 feature pixels per image pixel: the largest RoIs need up to ~w / bins samples.
+    cap = 16
+    ref, ref_grad = np_roi_align(feat, boxes, out_hw, 0.25, 0, aligned, cot)
+    fn = lambda f: roi_ops.roi_align(f, jnp.asarray(boxes), out_hw, 0.25, 0, aligned,
+                                     max_sampling_ratio=cap)
+    out, vjp = jax.vjp(fn, jnp.asarray(feat))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-6, err_msg=f'case {case}')
+    np.testing.assert_allclose(vjp(jnp.asarray(cot))[0], ref_grad, rtol=1e-5, atol=1e-5,
+                               err_msg=f'case {case}')
+
+
+def test_adaptive_sampling_is_clipped_at_the_cap_and_matches_fixed_ratios():
+  rng = np.random.default_rng(5)
+  feat = rng.standard_normal((16, 16, 2)).astype(np.float32)
+  boxes = np.array([[0, 0, 60, 60], [4, 8, 12, 50], [3, 3, 3, 9], [10, 10, 30, 14]], np.float32)
+  for cap in (1, 2, 3):
+    ref, _ = np_roi_align(feat, boxes, (2, 2), 0.25, 0, True, cap=cap)
+    got = roi_ops.roi_align(jnp.asarray(feat), jnp.asarray(boxes), 2, 0.25, 0, True,
+                            max_sampling_ratio=cap)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-6, err_msg=f'cap {cap}')
+  # A 60-px box at scale 1/4 in 2 bins needs 8 samples a side: with a cap of 8 it is the fixed 8.
+  fixed = roi_ops.roi_align(jnp.asarray(feat), jnp.asarray(boxes[:1]), 2, 0.25, 8, True)
+  adaptive = roi_ops.roi_align(jnp.asarray(feat), jnp.asarray(boxes[:1]), 2, 0.25, 0, True,
+                               max_sampling_ratio=8)
+  np.testing.assert_allclose(adaptive, fixed, rtol=1e-6, atol=1e-7)
+
+
+def test_adaptive_sampling_in_the_multilevel_op():
+  rng = np.random.default_rng(8)
+  feats = [rng.standard_normal((32 // 2**k, 32 // 2**k, 2)).astype(np.float32) for k in range(3)]
+  boxes = odd_boxes(rng, 20, 128, 128)
+  got = roi_ops.multilevel_roi_align([jnp.asarray(f) for f in feats], jnp.asarray(boxes), 3,
+                                     sampling_ratio=0, aligned=True, min_level=2,
+                                     canonical_scale=56.0, max_sampling_ratio=12)
+  levels = np.asarray(roi_ops.assign_levels(jnp.asarray(boxes), 2, 4, 4, 56.0))
+  for n, lvl in enumerate(levels):
+    ref, _ = np_roi_align(feats[lvl - 2], boxes[n:n + 1], (3, 3), 2.0 ** -lvl, 0, True)
+    np.testing.assert_allclose(got[n:n + 1], ref, rtol=1e-5, atol=2e-6, err_msg=f'roi {n}')
 
 
 # ------------------------------------------------------------------------------------------------

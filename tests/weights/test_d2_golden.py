@@ -42,8 +42,8 @@ def test_tiny_config_still_has_the_golden_models_sizes(config):
   assert (m.rpn.pre_nms_topk_test, m.rpn.post_nms_topk_test, m.test.detections_per_img) == (
       100, 50, 10)
   # detectron2 semantics of the preset (what the golden model was built with).
-  assert (m.roi.aligned, m.roi.sampling_ratio, m.anchors.round_base, m.anchors.offset) == (
-      True, 2, False, 0.0)
+  assert (m.roi.aligned, m.roi.sampling_ratio, m.roi.max_sampling_ratio, m.anchors.round_base,
+          m.anchors.offset, m.rpn.rank_by) == (True, 0, 4, False, 0.0, 'logit')
   assert m.backbone.stride_in_1x1 and m.test.mask_paste == 'detectron2'
   assert tuple(config.input.buckets[0]) == (64, 96)
 
@@ -128,6 +128,11 @@ def _mask_iou(a, b):
   return np.where(union > 0, np.logical_and(a, b).sum((1, 2)) / np.maximum(union, 1), 1.0)
 
 
+def model_config_drops_empty() -> bool:
+  from configs import detectron2_maskrcnn_r50_fpn  # pylint: disable=g-import-not-at-top
+  return bool(detectron2_maskrcnn_r50_fpn.get_config('tiny').model.test.drop_empty_boxes)
+
+
 @pytest.mark.parametrize('image', [0, 1])
 def test_postprocess_matches_detector_postprocess(outputs, image):
   """Our box rescale and `MaskHead.postprocess` (the Predictor's and the evaluator's path, here
@@ -138,21 +143,26 @@ def test_postprocess_matches_detector_postprocess(outputs, image):
   original = tuple(int(s) for s in golden['original_size'][image])
   boxes = box_head.boxes_to_original(det['boxes'][image], original, hw)
   valid = det['valid'][image]
-  # detector_postprocess drops detections whose box is empty once clipped; ours keeps them.
+  # detector_postprocess clips and drops detections whose box is then empty: the preset's
+  # model.test.drop_empty_boxes, which the Predictor applies with clip_and_drop_empty.
   kept = golden[f'original_kept{image}']
   assert valid.sum() == len(kept)
-  np.testing.assert_allclose(boxes[valid][kept], golden[f'original_boxes{image}'], atol=5e-3)
+  assert model_config_drops_empty()
+  clipped, keep = box_head.clip_and_drop_empty(boxes, valid, original)
+  np.testing.assert_array_equal(keep[valid], kept)
+  np.testing.assert_allclose(clipped[keep], golden[f'original_boxes{image}'], atol=5e-3)
   assert model.heads['mask'].mask_paste == 'detectron2'
-  out = model.heads['mask'].postprocess(det, image, boxes, original, hw)
+  det = {**det, 'valid': np.array(det['valid'], copy=True)}
+  det['valid'][image] = keep
+  out = model.heads['mask'].postprocess(det, image, clipped, original, hw)
   ref = _unpack(golden[f'original_pasted{image}'], original[1])
-  assert out['masks'].shape == (len(kept),) + original and out['masks'].dtype == bool
-  out = {'masks': out['masks'][kept]}
+  assert out['masks'].shape == (int(kept.sum()),) + original and out['masks'].dtype == bool
   # Our masks come from our 28x28 probabilities (within ~2e-4 of detectron2's): a pixel may flip
   # where a probability is that close to 0.5 (none do in these files).
   iou = _mask_iou(out['masks'], ref)
   assert iou.min() >= 0.99 and (out['masks'] != ref).mean() < 1e-4, iou
   # The torchvision paste of the same detections is far off (mean IoU ~0.35 on these small
   # boxes), so this test catches the head ignoring its `mask_paste` field.
-  tv = np.asarray(mask_ops.paste_and_threshold(det['masks'][image], boxes, *original, 0.5,
-                                               'torchvision'))[valid][kept]
+  tv = np.asarray(mask_ops.paste_and_threshold(det['masks'][image], clipped, *original, 0.5,
+                                               'torchvision'))[keep]
   assert _mask_iou(tv, ref).mean() < 0.9

@@ -24,7 +24,8 @@ ROIAlignV2 poolers, `FastRCNNConvFCHead`, `MaskRCNNConvUpsampleHead`) at the siz
 `configs/detectron2_maskrcnn_r50_fpn.get_config('tiny')` (test_d2_golden.py checks the config
 still has them): one bottleneck per stage (stem width 8), FPN 16, anchors 8..128, canonical box
 size 56, 32-wide box head, two 16-channel mask convs, 4 classes (+ background), both poolers at
-sampling ratio 2. Weights are random, scaled for O(1) activations, FrozenBN statistics far from
+detectron2's adaptive sampling ratio 0 (at these sizes no RoI needs more than the preset's cap
+of 4 samples per axis; the script checks it). Weights are random, scaled for O(1) activations, FrozenBN statistics far from
 the identity, objectness and class logits of std 1 (detections pass the 0.05 threshold).
 """
 
@@ -80,10 +81,10 @@ def build() -> GeneralizedRCNN:
   cfg.MODEL.RPN.POST_NMS_TOPK_TEST = POST_NMS_TEST
   cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_CLASSES - 1
   cfg.MODEL.ROI_BOX_HEAD.FC_DIM = FC_DIM
-  cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 2
+  cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 0  # detectron2's default: adaptive
   cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = MASK_DIM
   cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = MASK_CONVS
-  cfg.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO = 2
+  cfg.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO = 0
   cfg.TEST.DETECTIONS_PER_IMAGE = DETECTIONS
   stem = BasicStem(3, STEM, norm='FrozenBN')
   stages, channels = [], STEM
@@ -166,6 +167,18 @@ def make_batch(rng: np.random.Generator) -> torch.Tensor:
   return x.half().float()
 
 
+def _max_grid(pooler, box_lists) -> int:
+  """The largest ceil(RoI side / output size) any RoI gets on its level (ratio 0)."""
+  from detectron2.modeling.poolers import assign_boxes_to_levels  # pylint: disable=g-import-not-at-top
+  levels = assign_boxes_to_levels(box_lists, pooler.min_level, pooler.max_level,
+                                  pooler.canonical_box_size, pooler.canonical_level)
+  boxes = torch.cat([b.tensor for b in box_lists])
+  scale = 2.0 ** -(levels.double() + pooler.min_level)
+  sides = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1).double()
+  out = pooler.output_size[0] if isinstance(pooler.output_size, tuple) else pooler.output_size
+  return int(torch.ceil(sides * scale[:, None] / out).max()) if len(boxes) else 0
+
+
 def main() -> None:
   torch.manual_seed(SEED)
   gen = torch.Generator().manual_seed(SEED)
@@ -185,6 +198,11 @@ def main() -> None:
     # Mask probabilities are made float16-exact before anything pastes them, so the stored
     # values are exactly what detectron2 pasted.
     det, _ = model.roi_heads(images, feats, proposals, None)
+    # The preset caps the adaptive grid at 4 samples per axis: the golden must not need more.
+    need = max(_max_grid(model.roi_heads.box_pooler, [p.proposal_boxes for p in proposals]),
+               _max_grid(model.roi_heads.mask_pooler, [d.pred_boxes for d in det]))
+    assert need <= 4, f'a RoI needs {need} samples per axis, more than the preset cap of 4'
+    print(f'largest adaptive grid: {need} samples per axis')
     for b, inst in enumerate(det):
       inst.pred_masks = inst.pred_masks.half().float()
       hw = CONTENT_HW[b]
