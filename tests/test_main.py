@@ -163,6 +163,8 @@ def test_corrupt_checkpoint_is_one_line(tmp_path):
                          f'--checkpoint={tmp_path / "ck"}')
   lines = _error_lines(out)
   assert code == 1 and len(lines) == 1, out[-3000:]
-  assert lines[0].startswith(f'error: checkpoint {tmp_path / "ck"} step 0 ')
+  # The flip either breaks the compressed stream ('step 0: cannot read item ...') or decodes
+  # to other values, which the checksum catches ('step 0 is corrupt: ...').
+  assert lines[0].startswith(f'error: checkpoint {tmp_path / "ck"} step 0')
   assert 'is corrupt: item variables, leaf params/' in lines[0] or 'cannot read item' in lines[0]
   assert not (tmp_path / 'vis.png').exists()
