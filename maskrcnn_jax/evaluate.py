@@ -263,6 +263,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint_dir: str) -> dict[str, 
   a converted checkpoint) and evaluates them on the validation split."""
   structures.validate_config(config)
   structures.validate_data(config, ('val',))
+  pipeline.check_built(config, ('val',))
   distributed.settings(config)
   with distributed.processes(config):
     # Each process reads a whole copy onto its first device (restore_variables).

@@ -337,21 +337,13 @@ def validate_data(config: ml_collections.ConfigDict, splits: Sequence[str]) -> N
 
 
 def _validate_tfds(d: ml_collections.ConfigDict, splits: Sequence[str]) -> None:
-  """data.source='tfds': the name and split fields are set, and the dataset is built with
-  those splits (read from its metadata only, so this is cheap)."""
+  """data.source='tfds': the name and split fields are set."""
   for field in ('tfds_name',) + tuple(f'tfds_{split}_split' for split in splits):
     if not isinstance(d.get(field), str) or not d.get(field):
       _fail(f'data.{field}', d.get(field),
             "must be set for data.source='tfds' (see configs/maskrcnn_r50_fpn.py and "
             'docs/tfds.md)')
-  # Imported here: tensorflow-datasets is needed only by this source.
-  from maskrcnn_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
-  data_dir = d.get('tfds_data_dir') or None
-  for field in ('tfds_name',) + tuple(f'tfds_{split}_split' for split in splits):
-    try:
-      tfds_builder.check_built(d.tfds_name, [] if field == 'tfds_name' else [d[field]], data_dir)
-    except tfds_builder.TfdsNotFoundError as e:
-      _fail(f'data.{field}', d[field], f'{e} (config.data.tfds_data_dir = {data_dir!r})')
+  # That the dataset is built is the data stage's check (`pipeline.check_built`).
 
 
 def _validate_input(i: ml_collections.ConfigDict) -> None:

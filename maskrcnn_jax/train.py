@@ -533,7 +533,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if num_steps is not None and not (isinstance(num_steps, int) and num_steps >= 1):
     raise ValueError(f'num_steps = {num_steps!r}: must be an integer >= 1')
   if train_iter is None:
-    structures.validate_data(config, ('train', 'val') if _evaluates(config) else ('train',))
+    splits = ('train', 'val') if _evaluates(config) else ('train',)
+    structures.validate_data(config, splits)
+    from maskrcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    pipeline.check_built(config, splits)
   distributed.settings(config)  # a bad process setting stops the run before anything starts
   with distributed.processes(config, clean_exits=(Preempted,)):
     os.makedirs(workdir, exist_ok=True)

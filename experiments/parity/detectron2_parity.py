@@ -71,7 +71,7 @@ from maskrcnn_jax import weights
 from maskrcnn_jax.data import transforms
 from maskrcnn_jax.modeling import mask_rcnn
 from maskrcnn_jax.ops import masks as mask_ops
-from maskrcnn_jax.ops import roi_align as roi_ops
+from maskrcnn_jax.ops import roi_levels
 
 LOGIT_STD = 2.0
 MATCH_IOU = tvp.MATCH_IOU
@@ -396,7 +396,7 @@ def _time_pooling(feats, proposals, detections, ratio: int, cap: int = 4, repeat
   levels = [jnp.asarray(f[0]) for f in feats[:4]]
   out = []
   for boxes, size in ((proposals, 7), (detections, 14)):
-    fn = jax.jit(lambda f, b, size=size: roi_ops.multilevel_roi_align(
+    fn = jax.jit(lambda f, b, size=size: roi_levels.multilevel_roi_align(
         f, b, output_size=size, sampling_ratio=ratio, aligned=True, canonical_scale=224.0,
         max_sampling_ratio=cap))
     b = jnp.asarray(boxes)

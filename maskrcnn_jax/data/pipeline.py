@@ -76,6 +76,23 @@ def _fail(field: str, value: Any, why: str) -> None:
   raise structures.ConfigError(f'config.{field} = {value!r}: {why}')
 
 
+def check_built(config: ml_collections.ConfigDict, splits: Sequence[str]) -> None:
+  """data.source='tfds': the dataset is built with the configured splits (read from its
+  metadata only, so this is cheap; run at start-up after `structures.validate_data`). Raises
+  ConfigError naming the field."""
+  d = config.data
+  if d.source != 'tfds':
+    return
+  # Imported here: tensorflow-datasets is needed only by this source.
+  from maskrcnn_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  data_dir = d.get('tfds_data_dir') or None
+  for field in ('tfds_name',) + tuple(f'tfds_{split}_split' for split in splits):
+    try:
+      tfds_builder.check_built(d.tfds_name, [] if field == 'tfds_name' else [d[field]], data_dir)
+    except tfds_builder.TfdsNotFoundError as e:
+      _fail(f'data.{field}', d[field], f'{e} (config.data.tfds_data_dir = {data_dir!r})')
+
+
 def keypoints_on(config: ml_collections.ConfigDict) -> bool:
   """`model.keypoint_on`, False for configs that predate the field."""
   return bool(config.model.get('keypoint_on', False))

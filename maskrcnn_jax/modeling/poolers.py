@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from maskrcnn_jax.ops import roi_align as roi_ops
+from maskrcnn_jax.ops import roi_levels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,7 @@ class Pooler:
 
     # A single map (min_level == max_level) sends every RoI to it: assign_levels clips there.
     def one(f, b):
-      return roi_ops.multilevel_roi_align(
+      return roi_levels.multilevel_roi_align(
           f, b, output_size=int(output_size), sampling_ratio=self.sampling_ratio,
           aligned=self.aligned, min_level=lo, canonical_level=self.canonical_level,
           canonical_scale=self.canonical_scale, op=self.op, backend=self.backend,

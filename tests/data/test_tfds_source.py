@@ -205,22 +205,22 @@ def _errors(records):
 
 def test_missing_dataset_or_split_is_one_error_naming_the_field(configs, tmp_path):
   _, tfds_config = configs
-  structures.validate_data(tfds_config, ('train', 'val'))  # the built one passes
+  pipeline.check_built(tfds_config, ('train', 'val'))  # the built one passes
   empty = _tfds_config(tfds_config, tmp_path / 'nothing_here')
   with pytest.raises(structures.ConfigError, match=r"(?s)config.data.tfds_name = "
                      r"'coco_instances/shapes': TFDS dataset 'coco_instances/shapes' is not "
                      r'built in .*nothing_here.*python -m maskrcnn_jax.data.build_tfds'):
-    structures.validate_data(empty, ('train',))
+    pipeline.check_built(empty, ('train',))
   unknown = _tfds_config(tfds_config, tfds_config.data.tfds_data_dir, name='no_such_dataset')
   with pytest.raises(structures.ConfigError, match=r"config.data.tfds_name = 'no_such_dataset': "
                      r"TFDS dataset 'no_such_dataset' not found"):
-    structures.validate_data(unknown, ('val',))
+    pipeline.check_built(unknown, ('val',))
   no_split = tfds_config.copy_and_resolve_references()
   no_split.data.tfds_val_split = 'test'
   with pytest.raises(structures.ConfigError, match=r"config.data.tfds_val_split = 'test': TFDS "
                      r"dataset 'coco_instances/shapes' has no split 'test' \(it has \['train', "
                      r"'validation'\]\)"):
-    structures.validate_data(no_split, ('train', 'val'))
+    pipeline.check_built(no_split, ('train', 'val'))
   with pytest.raises(tfds_builder.TfdsNotFoundError, match=r"config.data.tfds_val_split = "
                      r"'test'.*has no split 'test'"):
     pipeline.load_dataset_records(no_split, 'val')

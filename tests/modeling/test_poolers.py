@@ -9,6 +9,7 @@ from configs import maskrcnn_r50_fpn
 from maskrcnn_jax import structures
 from maskrcnn_jax.modeling import poolers
 from maskrcnn_jax.ops import roi_align as roi_ops
+from maskrcnn_jax.ops import roi_levels
 from maskrcnn_jax.ops import roi_warp
 
 OPS = ('align', 'pool', 'warp')
@@ -57,7 +58,7 @@ def test_pool_level_reads_exactly_that_level(op, level):
     np.testing.assert_allclose(out[b], want, atol=1e-5)
   # The FPN assignment sends most of these boxes elsewhere, so its output differs.
   fpn = poolers.Pooler.from_config(_config(op, 0))(feats, boxes, 5)
-  assigned = np.asarray(roi_ops.assign_levels(boxes.reshape(-1, 4), 2, 5, 4, 56))
+  assigned = np.asarray(roi_levels.assign_levels(boxes.reshape(-1, 4), 2, 5, 4, 56))
   assert (assigned != level).mean() > 0.3
   differs = np.abs(np.asarray(fpn - out)).reshape(-1, 5 * 5 * 4).max(-1) > 1e-4
   assert not differs[assigned == level].any()
@@ -71,9 +72,9 @@ def test_pool_level_equals_the_multilevel_op_forced_to_that_level(op):
   feats, boxes = _inputs(seed=7, batch=1)
   out = poolers.Pooler.from_config(_config(op, 5, aligned=False))(feats, boxes, 5)[0]
   # canonical_scale tiny: every box is assigned to the top level, P5.
-  forced = roi_ops.multilevel_roi_align([f[0] for f in feats[:4]], boxes[0], 5, 2, False,
+  forced = roi_levels.multilevel_roi_align([f[0] for f in feats[:4]], boxes[0], 5, 2, False,
                                         min_level=2, canonical_scale=1e-3, op=op)
-  assert set(np.asarray(roi_ops.assign_levels(boxes[0], 2, 5, 4, 1e-3)).tolist()) == {5}
+  assert set(np.asarray(roi_levels.assign_levels(boxes[0], 2, 5, 4, 1e-3)).tolist()) == {5}
   np.testing.assert_allclose(out, forced, atol=1e-5)
 
 
@@ -81,7 +82,7 @@ def test_pool_level_zero_is_the_fpn_assignment():
   feats, boxes = _inputs(seed=3, batch=1)
   pooler = poolers.Pooler.from_config(_config('align', 0))
   assert pooler.levels == (2, 5)
-  want = roi_ops.multilevel_roi_align([f[0] for f in feats[:4]], boxes[0], 5, 2, True,
+  want = roi_levels.multilevel_roi_align([f[0] for f in feats[:4]], boxes[0], 5, 2, True,
                                       min_level=2, canonical_scale=56)
   np.testing.assert_allclose(pooler(feats, boxes, 5)[0], want, atol=1e-6)
 

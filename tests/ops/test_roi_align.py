@@ -11,6 +11,7 @@ from jax import test_util as jtu
 
 from maskrcnn_jax.backends import cpu_gather
 from maskrcnn_jax.ops import roi_align as roi_ops
+from maskrcnn_jax.ops import roi_levels
 
 GOLDEN = pathlib.Path(__file__).parent / 'golden' / 'ops_golden.npz'
 
@@ -303,10 +304,10 @@ def test_adaptive_sampling_in_the_multilevel_op():
   rng = np.random.default_rng(8)
   feats = [rng.standard_normal((32 // 2**k, 32 // 2**k, 2)).astype(np.float32) for k in range(3)]
   boxes = odd_boxes(rng, 20, 128, 128)
-  got = roi_ops.multilevel_roi_align([jnp.asarray(f) for f in feats], jnp.asarray(boxes), 3,
+  got = roi_levels.multilevel_roi_align([jnp.asarray(f) for f in feats], jnp.asarray(boxes), 3,
                                      sampling_ratio=0, aligned=True, min_level=2,
                                      canonical_scale=56.0, max_sampling_ratio=12)
-  levels = np.asarray(roi_ops.assign_levels(jnp.asarray(boxes), 2, 4, 4, 56.0))
+  levels = np.asarray(roi_levels.assign_levels(jnp.asarray(boxes), 2, 4, 4, 56.0))
   for n, lvl in enumerate(levels):
     ref, _ = np_roi_align(feats[lvl - 2], boxes[n:n + 1], (3, 3), 2.0 ** -lvl, 0, True)
     np.testing.assert_allclose(got[n:n + 1], ref, rtol=1e-5, atol=2e-6, err_msg=f'roi {n}')
@@ -349,7 +350,7 @@ def test_assign_levels():
   boxes = jnp.array([[0, 0, 224, 224], [0, 0, 223, 223], [0, 0, 448, 448], [0, 0, 10, 10],
                      [0, 0, 2000, 2000], [0, 0, 0, 0], [5, 5, 1, 1], [np.nan, 0, 1, 1]],
                     jnp.float32)
-  np.testing.assert_array_equal(roi_ops.assign_levels(boxes, 2, 5), [4, 3, 5, 2, 5, 2, 2, 2])
+  np.testing.assert_array_equal(roi_levels.assign_levels(boxes, 2, 5), [4, 3, 5, 2, 5, 2, 2, 2])
 
 
 @pytest.mark.parametrize('op', ['align', 'pool'])
@@ -362,12 +363,12 @@ def test_multilevel_matches_per_level_ops(op):
   cot = rng.standard_normal((30, 3, 3, 2)).astype(np.float32)
 
   def loss(levels):
-    out = roi_ops.multilevel_roi_align(levels, boxes, 3, 2, False, min_level=2,
+    out = roi_levels.multilevel_roi_align(levels, boxes, 3, 2, False, min_level=2,
                                        canonical_scale=28, op=op)
     return jnp.vdot(out, cot), out
 
   (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(levels)
-  lvl = np.asarray(roi_ops.assign_levels(jnp.asarray(boxes), 2, 5, 4, 28))
+  lvl = np.asarray(roi_levels.assign_levels(jnp.asarray(boxes), 2, 5, 4, 28))
   assert len(set(lvl.tolist())) >= 3  # the case exercises a mix of levels
   for i, (b, l) in enumerate(zip(boxes, lvl)):
     if op == 'align':
@@ -388,7 +389,7 @@ def test_multilevel_matches_per_level_ops(op):
 def test_multilevel_torchvision_golden():
   g = np.load(GOLDEN)
   levels = [jnp.asarray(g[f'ml_level{l}']) for l in (2, 3, 4, 5)]
-  out = roi_ops.multilevel_roi_align(levels, jnp.asarray(g['ml_boxes']), 5, 2, False,
+  out = roi_levels.multilevel_roi_align(levels, jnp.asarray(g['ml_boxes']), 5, 2, False,
                                      min_level=2, canonical_level=4, canonical_scale=56)
   np.testing.assert_allclose(out, g['ml_align'], rtol=1e-5, atol=3e-6)
 
@@ -400,11 +401,11 @@ def test_multilevel_one_compile_for_any_level_mix():
   @jax.jit
   def pool(b):
     traces.append(1)
-    return roi_ops.multilevel_roi_align(levels, b, 2, canonical_scale=8)
+    return roi_levels.multilevel_roi_align(levels, b, 2, canonical_scale=8)
 
   small = jnp.array([[0., 0., 2., 2.]] * 3)  # all on P2
   mixed = jnp.array([[0., 0., 2., 2.], [0., 0., 8., 8.], [0., 0., 16., 16.]])  # P2, P4, P5
-  np.testing.assert_array_equal(roi_ops.assign_levels(mixed, 2, 5, 4, 8), [2, 4, 5])
+  np.testing.assert_array_equal(roi_levels.assign_levels(mixed, 2, 5, 4, 8), [2, 4, 5])
   for b in (small, mixed):
     jax.block_until_ready(pool(b))
   assert len(traces) == 1

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax.ops import roi_align as roi_ops
+from maskrcnn_jax.ops import roi_levels
 from maskrcnn_jax.ops import roi_warp
 
 
@@ -156,10 +157,10 @@ def test_multilevel_warp_matches_per_level_warp():
             for k in range(3)]  # levels 2, 3, 4 of a 128-pixel image
   boxes = odd_boxes(rng, 30, 128, 128) * np.float32(1.0)
   boxes[:10, 2:] = boxes[:10, :2] + 100.0  # some large RoIs, for the coarse levels
-  level = np.asarray(roi_ops.assign_levels(jnp.asarray(boxes), 2, 4, 4, 56))
+  level = np.asarray(roi_levels.assign_levels(jnp.asarray(boxes), 2, 4, 4, 56))
   assert len(set(level.tolist())) == 3
   for reduce in ('max', 'avg'):
-    out = roi_ops.multilevel_roi_align(levels, boxes, 3, 2, min_level=2, canonical_scale=56,
+    out = roi_levels.multilevel_roi_align(levels, boxes, 3, 2, min_level=2, canonical_scale=56,
                                        op='warp', warp_reduce=reduce)
     for lv in range(2, 5):
       sel = level == lv
@@ -175,4 +176,4 @@ def test_no_rois_and_argument_validation():
   with pytest.raises(ValueError, match='reduce'):
     roi_warp.roi_warp(f, jnp.zeros((1, 4)), 3, 1.0, 2, 'sum')
   with pytest.raises(ValueError, match="'warp'"):
-    roi_ops.multilevel_roi_align([f], jnp.zeros((1, 4)), 3, op='bogus')
+    roi_levels.multilevel_roi_align([f], jnp.zeros((1, 4)), 3, op='bogus')
