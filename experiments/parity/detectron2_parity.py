@@ -343,9 +343,9 @@ def model_level(report, d2_model, name, variables, img, summary, cache, capped=(
   pairs = tvp.match(ref_b, ref_l, boxes, labels)
   res = _stats(report, ref_s, ref_b, scores, boxes, pairs, len(ref_b))
   row = dict(n=len(ref_b), matched=len(pairs) / max(len(ref_b), 1))
+  ref_full = _paste_d2(ref_m, ref_b, hw)  # detectron2's own paste, shared by every comparison
   if res is not None:
     i, j, ds, db = res
-    ref_full = _paste_d2(ref_m, ref_b, hw)
     ours_full = np.asarray(mask_ops.paste_and_threshold(masks, boxes, hw[0], hw[1], 0.5,
                                                         'detectron2'))
     m28 = [tvp.mask_iou(ref_m[a] >= 0.5, masks[b] >= 0.5) for a, b in pairs]
@@ -379,10 +379,8 @@ def model_level(report, d2_model, name, variables, img, summary, cache, capped=(
     rc = _stats(report, ref_s, ref_b, out_c['scores'][0][vc], out_c['boxes'][0][vc], pc,
                 len(ref_b), indent='      ')
     if rc is not None:
-      i, j, _, _ = rc
       ours_full = np.asarray(mask_ops.paste_and_threshold(
           out_c['masks'][0][vc], out_c['boxes'][0][vc], hw[0], hw[1], 0.5, 'detectron2'))
-      ref_full = _paste_d2(ref_m, ref_b, hw)
       full = [tvp.mask_iou(ref_full[a], ours_full[b]) for a, b in pc]
       report(f'      full-resolution mask IoU mean {np.mean(full):.4f}, min {np.min(full):.4f}')
       row[f'capped{cap}'] = (len(pc) / max(len(ref_b), 1), rc[2].max(), rc[3].max(),

@@ -102,22 +102,33 @@ def _bin_taps(boxes, scale, heights, widths, offsets, output_size, sampling_rati
   xl, xh, wxl, wxh, gx = _axis_samples(boxes[:, 0], boxes[:, 2], scale, widths, ow, g, aligned,
                                        adaptive)
   n = boxes.shape[0]
-  widths = jnp.asarray(widths)
-  row_stride = widths.reshape((-1,) + (1,) * 6) if widths.ndim else widths
-  offsets = jnp.asarray(offsets)
-  base = offsets.reshape((-1,) + (1,) * 6) if offsets.ndim else offsets
-  # Tap axes [N, oh, ow, iy, ix, y-neighbour, x-neighbour], flattened into K = 4 * s^2.
-  rows = jnp.stack([yl, yh], axis=-1)[:, :, None, :, None, :, None]
-  cols = jnp.stack([xl, xh], axis=-1)[:, None, :, None, :, None, :]
-  wy = jnp.stack([wyl, wyh], axis=-1)[:, :, None, :, None, :, None]
-  wx = jnp.stack([wxl, wxh], axis=-1)[:, None, :, None, :, None, :]
-  idx = (base + rows * row_stride + cols).reshape(n, oh, ow, 4 * g * g)
+  idx, wts = _tap_grid((yl, yh, wyl, wyh), (xl, xh, wxl, wxh), widths, offsets)
+  idx = idx.reshape(n, oh, ow, 4 * g * g)
   if adaptive:  # torchvision: count = max(grid_h * grid_w, 1)
     inv_count = (1.0 / jnp.maximum(gy * gx, 1.0)).reshape((-1,) + (1,) * 6)
   else:
     inv_count = jnp.float32(1.0 / max(g * g, 1))
-  wts = (wy * wx * inv_count).reshape(n, oh, ow, 4 * g * g)
+  wts = (wts * inv_count).reshape(n, oh, ow, 4 * g * g)
   return idx, wts
+
+
+def _tap_grid(y_taps, x_taps, widths, offsets):
+  """Flat row indices (int32) and bilinear weights (float32), both
+  `[N, oh, ow, gy, gx, 2, 2]`, of every bin's samples from the per-axis taps `(low, high,
+  w_low, w_high)` (each `[N, bins, samples]`) of `_axis_samples`. Axes: y-sample, x-sample,
+  y-neighbour, x-neighbour; the x-neighbour innermost, which the CPU gather relies on.
+  `widths` / `offsets`: row stride and first row in the flat buffer, scalars or per-RoI."""
+  yl, yh, wyl, wyh = y_taps
+  xl, xh, wxl, wxh = x_taps
+  widths = jnp.asarray(widths)
+  row_stride = widths.reshape((-1,) + (1,) * 6) if widths.ndim else widths
+  offsets = jnp.asarray(offsets)
+  base = offsets.reshape((-1,) + (1,) * 6) if offsets.ndim else offsets
+  rows = jnp.stack([yl, yh], axis=-1)[:, :, None, :, None, :, None]
+  cols = jnp.stack([xl, xh], axis=-1)[:, None, :, None, :, None, :]
+  wy = jnp.stack([wyl, wyh], axis=-1)[:, :, None, :, None, :, None]
+  wx = jnp.stack([wxl, wxh], axis=-1)[:, None, :, None, :, None, :]
+  return base + rows * row_stride + cols, wy * wx
 
 
 def _weighted_gather(flat, idx, wts, backend: str):

@@ -81,18 +81,9 @@ def roi_warp_flat(flat, boxes, scale, heights, widths, offsets, output_size,
   ye = jnp.where(finite[:, None], ye, ys)
   yl, yh, wyl, wyh = _bin_samples(ys, ye, heights, g)
   xl, xh, wxl, wxh = _bin_samples(xs, xe, widths, g)
-  widths = jnp.asarray(widths)
-  row_stride = widths.reshape((-1,) + (1,) * 6) if widths.ndim else widths
-  offsets = jnp.asarray(offsets)
-  base = offsets.reshape((-1,) + (1,) * 6) if offsets.ndim else offsets
-  # Tap axes [N, oh, ow, iy, ix, y-neighbour, x-neighbour]: `roi_align._bin_taps`' order (the
-  # x-neighbour innermost, which the CPU gather relies on).
-  rows = jnp.stack([yl, yh], axis=-1)[:, :, None, :, None, :, None]
-  cols = jnp.stack([xl, xh], axis=-1)[:, None, :, None, :, None, :]
-  wy = jnp.stack([wyl, wyh], axis=-1)[:, :, None, :, None, :, None]
-  wx = jnp.stack([wxl, wxh], axis=-1)[:, None, :, None, :, None, :]
-  idx = jnp.broadcast_to(base + rows * row_stride + cols, (n, oh, ow, g, g, 2, 2))
-  wts = jnp.broadcast_to(wy * wx, (n, oh, ow, g, g, 2, 2))
+  # RoIAlign's tap layout ([N, oh, ow, iy, ix, y-neighbour, x-neighbour]).
+  tap_grid = roi_ops._tap_grid  # pylint: disable=protected-access
+  idx, wts = tap_grid((yl, yh, wyl, wyh), (xl, xh, wxl, wxh), widths, offsets)
   gather = roi_ops._weighted_gather  # pylint: disable=protected-access
   if reduce == 'avg':
     inv_count = jnp.float32(1.0 / (g * g))
